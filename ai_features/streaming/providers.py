@@ -1,0 +1,163 @@
+"""Model providers: the official `openai` SDK against any OpenAI-compatible server, and an offline demo.
+
+A provider turns the context into an async stream of `Delta`s and reports failures as
+`ProviderError` with a code for machines and a message fit for a person.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import openai
+
+logger = logging.getLogger(__name__)
+
+DEMO_MODEL_NAME = "c3-demo-offline"
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    text: str = ""
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    finished: bool = False  # the model said why it stopped (finish_reason)
+
+
+class ProviderError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Provider(Protocol):
+    model: str
+    is_demo: bool
+
+    def stream(self, messages: Sequence[dict[str, str]]) -> AsyncIterator[Delta]: ...
+
+    async def aclose(self) -> None: ...
+
+
+def _status_error(status: int) -> ProviderError:
+    if status in (401, 403):
+        return ProviderError("upstream_auth", "The AI service rejected our credentials. Please tell the site operator.")
+    if status == 429:
+        return ProviderError("upstream_rate_limited", "The AI service is busy right now (rate limited). Please try again shortly.")
+    if status == 404:
+        return ProviderError("upstream_not_found", "The configured AI model is not available.")
+    if 400 <= status < 500:
+        return ProviderError("upstream_rejected", "The AI service could not process this request.")
+    return ProviderError("upstream_unavailable", "The AI service had an internal problem. Please try again.")
+
+
+class OpenAIProvider:
+    """One shared AsyncOpenAI client per event loop (its connection pool belongs to that loop)."""
+
+    is_demo = False
+
+    def __init__(self, *, api_key: str, base_url: str | None, model: str, timeout_seconds: float) -> None:
+        self.model = model
+        # No retries: a retried stream would repeat tokens the person already saw; a failure is
+        # reported and the page offers Retry. The read timeout bounds a model gone silent.
+        self.client = openai.AsyncOpenAI(
+            api_key=api_key,
+            base_url=base_url,
+            max_retries=0,
+            timeout=openai.Timeout(timeout_seconds, connect=min(10.0, timeout_seconds)),
+        )
+
+    async def stream(self, messages: Sequence[dict[str, str]]) -> AsyncIterator[Delta]:
+        try:
+            response = await self.client.chat.completions.create(
+                model=self.model,
+                messages=list(messages),
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            # Closing the response (also when this generator is cancelled by Stop) closes the
+            # upstream connection, so the model stops generating and billing.
+            async with response:
+                finished = False
+                async for chunk in response:
+                    if chunk.usage is not None:
+                        yield Delta(
+                            prompt_tokens=chunk.usage.prompt_tokens,
+                            completion_tokens=chunk.usage.completion_tokens,
+                        )
+                    for choice in chunk.choices:
+                        text = choice.delta.content if choice.delta else None
+                        if text:
+                            yield Delta(text=text)
+                        if choice.finish_reason:
+                            finished = True
+                if not finished:
+                    raise ProviderError("upstream_incomplete", "The AI service ended the reply unexpectedly.")
+                yield Delta(finished=True)
+        except ProviderError:
+            raise
+        except openai.APIStatusError as exc:
+            logger.warning("model server answered %s: %s", exc.status_code, exc.message)
+            raise _status_error(exc.status_code) from None
+        except openai.APITimeoutError:
+            raise ProviderError("upstream_timeout", "The AI service took too long to answer.") from None
+        except Exception as exc:  # noqa: BLE001 - CancelledError (Stop) is a BaseException and passes
+            # A connection refused, reset or dropped midway: once the body is being read the SDK
+            # lets its HTTP library's transport errors through as they are.
+            logger.warning("model server connection failed: %r", exc)
+            raise ProviderError("upstream_disconnected", "The connection to the AI service was lost.") from None
+
+    async def aclose(self) -> None:
+        await self.client.close()
+
+
+class DemoProvider:
+    """An offline model so that a fresh clone works with no key: it streams a Markdown reply at a
+    human pace. The page labels it as the demo."""
+
+    is_demo = True
+    model = DEMO_MODEL_NAME
+
+    def __init__(self, *, delay_seconds: float) -> None:
+        self.delay_seconds = delay_seconds
+
+    async def stream(self, messages: Sequence[dict[str, str]]) -> AsyncIterator[Delta]:
+        question = messages[-1]["content"] if messages else ""
+        reply = demo_reply(question, turn=sum(1 for m in messages if m["role"] == "user"))
+        pieces = re.findall(r"\S+\s*|\s+", reply)
+        for piece in pieces:
+            await asyncio.sleep(self.delay_seconds)
+            yield Delta(text=piece)
+        prompt_tokens = sum(len(m["content"].split()) for m in messages)
+        yield Delta(prompt_tokens=prompt_tokens, completion_tokens=len(pieces), finished=True)
+
+    async def aclose(self) -> None:
+        return None
+
+
+def demo_reply(question: str, *, turn: int) -> str:
+    quoted = " ".join(question.split())
+    if len(quoted) > 120:
+        quoted = quoted[:117] + "…"
+    return (
+        f"This is the **offline demo model** (turn {turn}), so I cannot really think about "
+        f"“{quoted}”. I can show you how c3 chat streams and renders a reply, though.\n\n"
+        "### What you are seeing\n\n"
+        "- Each word arrives as its own event from the streaming service.\n"
+        "- The reply is stored as it streams: reload the page and it picks up where it was.\n"
+        "- Press **Stop** and the server stops generating; the text so far is kept.\n\n"
+        "```python\n"
+        "def greet(name: str) -> str:\n"
+        "    return f\"Hello, {name}!\"\n"
+        "```\n\n"
+        "| setting | what it does |\n"
+        "|---|---|\n"
+        "| `OPENAI_API_KEY` | use a real model |\n"
+        "| `OPENAI_BASE_URL` | any OpenAI-compatible server |\n\n"
+        "Set `OPENAI_API_KEY` to talk to a real model."
+    )

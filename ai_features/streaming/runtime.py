@@ -1,0 +1,382 @@
+"""Durable generations: a reply is a task of the process that started it; HTTP responses only watch.
+
+    launch() ──▶ _generate(): provider deltas ─▶ LiveReply.pieces (memory) ──▶ in-process watchers
+                                                        │
+                 _maintain() every tick: one batched log write for all live replies,
+                 lease renewal, Stop requests made through other processes, the reaper
+                                                        │
+    watch() on another process ◀── polls the ReplyChunk log and the row's status ◀┘
+
+Nothing is written per token: a reply costs a start row, one log row per flush tick while it
+streams, and a final update. A watcher that goes away never stops the reply; only Stop does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from django.conf import settings
+from django.db import close_old_connections
+
+from .. import services
+from .events import ContentEvent, ReplyEvent, ReplyOutcome, StartEvent, TerminalEvent
+from .providers import DemoProvider, OpenAIProvider, Provider, ProviderError
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# --- Database work off the event loop -------------------------------------------------------------
+
+_db_executor: ThreadPoolExecutor | None = None
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _db_executor
+    if _db_executor is None:
+        # Each thread holds at most one connection: connections are bounded by this pool, not by
+        # the number of streams.
+        _db_executor = ThreadPoolExecutor(max_workers=settings.DB_THREADS, thread_name_prefix="c3-db")
+    return _db_executor
+
+
+def _unit_of_work(fn: Callable[..., T], args: tuple, kwargs: dict) -> T:
+    # These threads get no request_started/finished signals, so do what they would do.
+    close_old_connections()
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        close_old_connections()
+
+
+async def run_db(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(_executor(), functools.partial(_unit_of_work, fn, args, kwargs))
+
+
+# --- One reply being generated in this process ----------------------------------------------------
+
+
+class ReplyLimitReached(Exception):
+    pass
+
+
+@dataclass(eq=False)
+class LiveReply:
+    start: StartEvent
+    model: str
+    pieces: list[str] = field(default_factory=list)
+    flushed: int = 0  # pieces already in the log
+    terminal: TerminalEvent | None = None
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task | None = None
+    stop_reason: str | None = None  # "stopped", "shutdown", "deleted"
+    finishing: bool = False
+    write_in_flight: asyncio.Task | None = None
+    started_at: float = field(default_factory=time.monotonic)
+    first_piece_at: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+    @property
+    def id(self) -> int:
+        return self.start.assistant_message_id
+
+    def append(self, text: str) -> None:
+        if self.first_piece_at is None:
+            self.first_piece_at = time.monotonic()
+        self.pieces.append(text)
+        self._notify()
+
+    def _notify(self) -> None:
+        # Wake every watcher at once; each one then reads what it has not seen yet.
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    def request_stop(self, reason: str) -> None:
+        if self.finishing or self.task is None or self.task.done():
+            return
+        self.stop_reason = reason
+        self.task.cancel()
+
+
+# --- The runtime ------------------------------------------------------------------------------------
+
+
+class GenerationRuntime:
+    """Owns this process's live replies. Must be started and used on one event loop."""
+
+    def __init__(self) -> None:
+        self.live: dict[int, LiveReply] = {}
+        self.accepting = True
+        self._providers: dict[tuple, Provider] = {}
+        self._maintenance: asyncio.Task | None = None
+
+    # Life cycle ----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        # A process that starts reaps what a dead predecessor left streaming.
+        try:
+            await run_db(services.reap_expired_replies)
+        except Exception:  # noqa: BLE001 - a database hiccup at boot must not stop the service
+            logger.exception("could not reap expired replies at start")
+        self._maintenance = asyncio.create_task(self._maintain(), name="c3-generation-maintenance")
+
+    async def shutdown(self, grace_seconds: float) -> None:
+        """Refuse new replies, let running ones finish within the grace period, then mark the rest
+        interrupted with their text."""
+        self.accepting = False
+        tasks = [reply.task for reply in self.live.values() if reply.task]
+        if tasks and grace_seconds > 0:
+            await asyncio.wait(tasks, timeout=grace_seconds)
+        for reply in list(self.live.values()):
+            reply.request_stop("shutdown")
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self._maintenance:
+            self._maintenance.cancel()
+            await asyncio.gather(self._maintenance, return_exceptions=True)
+        for provider in self._providers.values():
+            await provider.aclose()
+        self._providers.clear()
+
+    def provider(self) -> Provider:
+        """The configured model provider, one per runtime (its connection pool belongs to this loop)."""
+        if settings.OPENAI_API_KEY:
+            key: tuple = ("openai", settings.OPENAI_API_KEY, settings.OPENAI_BASE_URL, settings.OPENAI_MODEL,
+                          settings.OPENAI_TIMEOUT_SECONDS)
+        else:
+            key = ("demo", settings.DEMO_MODEL_DELAY_MS)
+        provider = self._providers.get(key)
+        if provider is None:
+            if key[0] == "openai":
+                provider = OpenAIProvider(
+                    api_key=settings.OPENAI_API_KEY,
+                    base_url=settings.OPENAI_BASE_URL,
+                    model=settings.OPENAI_MODEL,
+                    timeout_seconds=settings.OPENAI_TIMEOUT_SECONDS,
+                )
+            else:
+                provider = DemoProvider(delay_seconds=settings.DEMO_MODEL_DELAY_MS / 1000)
+            self._providers[key] = provider
+        return provider
+
+    # Generating ----------------------------------------------------------------------------------
+
+    def launch(self, start: StartEvent, context: list[dict[str, str]], provider: Provider) -> LiveReply:
+        reply = LiveReply(start=start, model=provider.model)
+        self.live[reply.id] = reply
+        reply.task = asyncio.create_task(self._generate(reply, provider, context), name=f"c3-reply-{reply.id}")
+        return reply
+
+    async def _generate(self, reply: LiveReply, provider: Provider, context: list[dict[str, str]]) -> None:
+        status, error_code, error_message = "completed", "", ""
+        try:
+            async with asyncio.timeout(settings.MAX_REPLY_SECONDS):
+                # aclosing: leaving early (Stop, a limit) closes the provider's upstream request.
+                async with aclosing(provider.stream(context)) as deltas:
+                    async for delta in deltas:
+                        if delta.text:
+                            reply.append(delta.text)
+                            if len(reply.pieces) >= settings.MAX_REPLY_TOKENS:
+                                raise ReplyLimitReached
+                        if delta.prompt_tokens is not None:
+                            reply.prompt_tokens = delta.prompt_tokens
+                        if delta.completion_tokens is not None:
+                            reply.completion_tokens = delta.completion_tokens
+        except asyncio.CancelledError:
+            # Stop cancels this task; so does a shutdown past its grace period. Either way the
+            # text so far is kept: swallow the cancellation and finish the row below.
+            status = "cancelled" if reply.stop_reason in ("stopped", "deleted") else "interrupted"
+        except TimeoutError:
+            status, error_code = "error", "reply_too_long"
+            error_message = f"The reply reached the {settings.MAX_REPLY_SECONDS:g}-second limit and was ended."
+        except ReplyLimitReached:
+            status, error_code = "error", "reply_too_long"
+            error_message = f"The reply reached the {settings.MAX_REPLY_TOKENS}-token limit and was ended."
+        except ProviderError as exc:
+            status, error_code, error_message = "error", exc.code, exc.message
+        except Exception:  # noqa: BLE001 - any bug still ends the reply with its text kept
+            logger.exception("reply %s failed", reply.id)
+            status, error_code, error_message = "error", "internal_error", "Something went wrong while generating the reply."
+        await self._finish(reply, status, error_code, error_message)
+
+    async def _finish(self, reply: LiveReply, status: str, error_code: str, error_message: str) -> None:
+        reply.finishing = True
+        if reply.write_in_flight is not None:
+            await asyncio.gather(reply.write_in_flight, return_exceptions=True)
+        ended = time.monotonic()
+        unlogged = reply.pieces[reply.flushed :]
+        completion_tokens = reply.completion_tokens
+        if completion_tokens is None and reply.pieces:
+            completion_tokens = len(reply.pieces)  # the model never reported usage: one delta ≈ one token
+        outcome = ReplyOutcome(
+            message_id=reply.id,
+            status=status,
+            model=reply.model,
+            prompt_tokens=reply.prompt_tokens,
+            completion_tokens=completion_tokens,
+            error_code=error_code or ("interrupted" if status == "interrupted" else ""),
+            error_message=error_message,
+        )
+        finish = services.ReplyFinish(
+            outcome=outcome,
+            content="".join(reply.pieces),
+            last_batch=services.LogBatch(reply.id, reply.flushed + 1, unlogged) if unlogged else None,
+            ttft_ms=round((reply.first_piece_at - reply.started_at) * 1000) if reply.first_piece_at else None,
+            duration_ms=round((ended - reply.started_at) * 1000),
+        )
+        for attempt in range(4):
+            try:
+                await run_db(services.reply_finish, finish)
+                break
+            except Exception:  # noqa: BLE001 - if every attempt fails, the reaper keeps the logged text
+                logger.exception("could not store the end of reply %s (attempt %s)", reply.id, attempt + 1)
+                await asyncio.sleep(0.25 * 2**attempt)
+        reply.terminal = outcome.terminal_event(len(reply.pieces) + 1)
+        reply._notify()
+        self.live.pop(reply.id, None)
+
+    # Housekeeping: one loop per process, whatever the number of replies ----------------------------
+
+    async def _maintain(self) -> None:
+        poll = settings.GENERATION_POLL_SECONDS
+        lease = settings.GENERATION_LEASE_SECONDS
+        last_flush = last_renew = last_reap = time.monotonic()
+        while True:
+            await asyncio.sleep(poll)
+            now = time.monotonic()
+            try:
+                if now - last_flush >= settings.GENERATION_FLUSH_SECONDS:
+                    last_flush = now
+                    await self._flush()
+                if self.live:
+                    for message_id in await run_db(services.reply_ids_to_stop, list(self.live)):
+                        if reply := self.live.get(message_id):
+                            reply.request_stop("stopped")
+                if now - last_renew >= lease / 3:
+                    last_renew = now
+                    await run_db(services.reply_renew_leases, list(self.live))
+                if now - last_reap >= lease / 2:
+                    last_reap = now
+                    if reaped := await run_db(services.reap_expired_replies):
+                        logger.warning("marked %d replies interrupted (their process stopped): %s", len(reaped), reaped)
+            except Exception:  # noqa: BLE001 - keep maintaining; the next tick retries
+                logger.exception("generation maintenance failed")
+
+    async def _flush(self) -> None:
+        batches: list[services.LogBatch] = []
+        flushed_up_to: list[tuple[LiveReply, int]] = []
+        for reply in self.live.values():
+            end = len(reply.pieces)
+            if reply.finishing or reply.flushed >= end:
+                continue
+            for first in range(reply.flushed, end, services.MAX_PIECES_PER_CHUNK):
+                last = min(end, first + services.MAX_PIECES_PER_CHUNK)
+                batches.append(services.LogBatch(reply.id, first + 1, reply.pieces[first:last]))
+            flushed_up_to.append((reply, end))
+        if not batches:
+            return
+
+        async def write() -> None:
+            gone = await run_db(services.reply_log_append, batches)
+            for reply, end in flushed_up_to:
+                reply.flushed = end
+                if reply.id in gone:
+                    reply.request_stop("deleted")
+
+        task = asyncio.create_task(write())
+        for reply, _ in flushed_up_to:
+            reply.write_in_flight = task  # _finish waits for it, so the log never has a gap
+        try:
+            await task
+        finally:
+            for reply, _ in flushed_up_to:
+                if reply.write_in_flight is task:
+                    reply.write_in_flight = None
+
+    # Watching ------------------------------------------------------------------------------------
+
+    async def watch(self, message_id: int, *, after: int, heartbeat_seconds: float) -> AsyncIterator[ReplyEvent | None]:
+        """Events with ids above `after` (-1: from the start), then follow the reply to its end.
+        Yields None when the reply has been silent for `heartbeat_seconds`."""
+        reply = self.live.get(message_id)
+        source = self._watch_live(reply, after, heartbeat_seconds) if reply else self._watch_log(
+            message_id, after, heartbeat_seconds
+        )
+        async with aclosing(source) as events:
+            async for event in events:
+                yield event
+
+    @staticmethod
+    async def _watch_live(reply: LiveReply, after: int, heartbeat_seconds: float) -> AsyncIterator[ReplyEvent | None]:
+        if after < 0:
+            yield reply.start
+        next_seq = max(after, 0) + 1
+        while True:
+            changed = reply.changed
+            while next_seq <= len(reply.pieces):
+                yield ContentEvent(next_seq, reply.pieces[next_seq - 1])
+                next_seq += 1
+            if reply.terminal is not None:
+                if reply.terminal.id > after:
+                    yield reply.terminal
+                return
+            try:
+                async with asyncio.timeout(heartbeat_seconds):
+                    await changed.wait()
+            except TimeoutError:
+                yield None
+
+    @staticmethod
+    async def _watch_log(message_id: int, after: int, heartbeat_seconds: float) -> AsyncIterator[ReplyEvent | None]:
+        """Follow a reply generated by another process (or already finished) through the database."""
+        next_seq = max(after, 0) + 1
+        silent_since = time.monotonic()
+        started = False
+        while True:
+            snapshot = await run_db(services.reply_snapshot, message_id=message_id, after=next_seq - 1)
+            if snapshot is None:
+                return  # deleted meanwhile
+            if after < 0 and not started:
+                started = True
+                yield snapshot.start
+            for seq, text in snapshot.pieces:
+                yield ContentEvent(seq, text)
+                next_seq = seq + 1
+                silent_since = time.monotonic()
+            if snapshot.outcome is not None:
+                terminal = snapshot.outcome.terminal_event(snapshot.piece_count + 1)
+                if terminal.id > after:
+                    yield terminal
+                return
+            if time.monotonic() - silent_since >= heartbeat_seconds:
+                silent_since = time.monotonic()
+                yield None
+            await asyncio.sleep(settings.GENERATION_POLL_SECONDS)
+
+    # Stopping ------------------------------------------------------------------------------------
+
+    async def stop(self, message_id: int, *, wait_seconds: float = 5.0) -> str:
+        """Stop a reply wherever it is generated; returns its final status (or the current one if
+        the owning process has not answered within `wait_seconds`)."""
+        reply = self.live.get(message_id)
+        if reply is not None and reply.task is not None:
+            reply.request_stop("stopped")
+            await asyncio.wait([reply.task], timeout=wait_seconds)
+        else:
+            await run_db(services.reply_request_stop, message_id=message_id)
+            deadline = time.monotonic() + wait_seconds
+            while time.monotonic() < deadline:
+                snapshot = await run_db(services.reply_snapshot, message_id=message_id, after=1 << 62)
+                if snapshot is None or snapshot.outcome is not None:
+                    break
+                await asyncio.sleep(settings.GENERATION_POLL_SECONDS)
+        return await run_db(services.reply_status, message_id=message_id) or "deleted"

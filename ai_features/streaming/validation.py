@@ -1,0 +1,90 @@
+"""Validation of a stream request: bytes and a content type in, a `ReplyRequest` or an `ApiError` out."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from http import HTTPStatus
+
+
+class ApiError(Exception):
+    """An error answered before any byte of a stream: a status and a message for a person."""
+
+    def __init__(self, status: int, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, str]:
+        return {"error": self.message}
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyRequest:
+    message: str
+    include_history: bool = True
+    conversation_id: int | None = None
+    client_message_id: str | None = None
+
+
+def require_json(content_type: str | None) -> None:
+    # A cross-site form or text/plain POST needs no preflight; demanding JSON forces one.
+    media_type = (content_type or "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        raise ApiError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "Send the request as Content-Type: application/json.")
+
+
+def parse_reply_request(body: bytes, content_type: str | None, *, max_chars: int, max_bytes: int) -> ReplyRequest:
+    require_json(content_type)
+    if len(body) > max_bytes:
+        raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"The request body is larger than {max_bytes} bytes.")
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ApiError(HTTPStatus.BAD_REQUEST, "The request body is not valid JSON.") from None
+    if not isinstance(data, dict):
+        raise ApiError(HTTPStatus.BAD_REQUEST, "The request body must be a JSON object.")
+
+    message = data.get("message")
+    if not isinstance(message, str):
+        raise ApiError(HTTPStatus.BAD_REQUEST, "`message` is required and must be a string.")
+    if not message.strip():
+        raise ApiError(HTTPStatus.BAD_REQUEST, "`message` must not be empty.")
+    if len(message) > max_chars:
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"`message` is longer than {max_chars} characters.")
+
+    include_history = data.get("include_history", True)
+    if not isinstance(include_history, bool):
+        raise ApiError(HTTPStatus.BAD_REQUEST, "`include_history` must be true or false.")
+
+    conversation_id = data.get("conversation_id")
+    if conversation_id is not None and (isinstance(conversation_id, bool) or not isinstance(conversation_id, int)):
+        raise ApiError(HTTPStatus.BAD_REQUEST, "`conversation_id` must be an integer or null.")
+    if conversation_id is not None and conversation_id <= 0:
+        raise ApiError(HTTPStatus.NOT_FOUND, "Conversation not found.")
+
+    client_message_id = data.get("client_message_id")
+    if client_message_id is not None:
+        if not isinstance(client_message_id, str) or not (1 <= len(client_message_id) <= 100):
+            raise ApiError(HTTPStatus.BAD_REQUEST, "`client_message_id` must be a string of 1 to 100 characters or null.")
+
+    return ReplyRequest(
+        message=message,
+        include_history=include_history,
+        conversation_id=conversation_id,
+        client_message_id=client_message_id,
+    )
+
+
+def parse_last_event_id(raw: str | None) -> int:
+    """The id after which a resume starts; -1 (replay everything, start event included) when absent."""
+    if raw is None or raw.strip() == "":
+        return -1
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise ApiError(HTTPStatus.BAD_REQUEST, "Last-Event-ID must be a decimal integer.") from None
+    if value < 0:
+        raise ApiError(HTTPStatus.BAD_REQUEST, "Last-Event-ID must not be negative.")
+    return value

@@ -1,0 +1,144 @@
+"""The streaming sidecar: FastAPI under uvicorn, holding many reply streams on one event loop.
+
+It loads the same Django settings as the main app (database, SECRET_KEY, session engine), so the
+same logged-in user is recognised by the session cookie or by a stream token. All streaming logic
+lives in `ai_features.streaming`; this module only adapts HTTP to it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from http import HTTPStatus
+from typing import Annotated, Any
+
+import django
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "c3_app.settings")
+django.setup()
+
+from django.conf import settings  # noqa: E402  (Django must be set up first)
+from django.db import connection  # noqa: E402
+from fastapi import Depends, FastAPI, Request  # noqa: E402
+from fastapi.middleware.cors import CORSMiddleware  # noqa: E402
+from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
+
+from ai_features.streaming import service  # noqa: E402
+from ai_features.streaming.runtime import GenerationRuntime, run_db  # noqa: E402
+from ai_features.streaming.sse import SSE_HEADERS  # noqa: E402
+from ai_features.streaming.validation import ApiError  # noqa: E402
+
+runtime = GenerationRuntime()
+
+
+def _refuse_new_streams_on_sigterm() -> None:
+    """uvicorn drains open connections on SIGTERM; we also answer 503 to new streams arriving on
+    kept-alive connections meanwhile, so a deploy never starts a reply it would have to cut."""
+    try:
+        previous = signal.getsignal(signal.SIGTERM)
+    except ValueError:  # not the main thread (tests run uvicorn in a thread)
+        return
+    if not callable(previous):
+        return
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        runtime.accepting = False
+        previous(signum, frame)
+
+    try:
+        signal.signal(signal.SIGTERM, on_sigterm)
+    except ValueError:
+        pass
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    await runtime.start()
+    _refuse_new_streams_on_sigterm()
+    yield
+    # uvicorn has drained (or, past --timeout-graceful-shutdown, cut) the open responses; replies
+    # nobody watches get their own grace period, then are marked interrupted with their text.
+    await runtime.shutdown(settings.GENERATION_SHUTDOWN_GRACE_SECONDS)
+
+
+app = FastAPI(title="c3 chat stream", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+app.add_middleware(
+    CORSMiddleware,
+    allow_origins=settings.CORS_ALLOWED_ORIGINS,  # exact origins only; settings refuse wildcards
+    allow_credentials=True,
+    allow_methods=["GET", "POST"],
+    allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+    max_age=600,
+)
+
+
+@app.exception_handler(ApiError)
+async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+async def current_user(request: Request) -> Any:
+    if request.method == "POST":
+        service.check_origin(request.headers.get("origin"), settings.CORS_ALLOWED_ORIGINS)
+    return await service.authenticate(
+        authorization=request.headers.get("authorization"),
+        session_key=request.cookies.get(settings.SESSION_COOKIE_NAME),
+    )
+
+
+CurrentUser = Annotated[Any, Depends(current_user)]
+
+
+async def read_body(request: Request) -> bytes:
+    """The request body, refusing to buffer more than MAX_REQUEST_BYTES."""
+    limit = settings.MAX_REQUEST_BYTES
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"The request body is larger than {limit} bytes.")
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"The request body is larger than {limit} bytes.")
+    return bytes(body)
+
+
+def sse_response(body: AsyncIterator[bytes]) -> StreamingResponse:
+    return StreamingResponse(body, headers=SSE_HEADERS)
+
+
+@app.post("/api/ai/chat/stream/")
+async def chat_stream(request: Request, user: CurrentUser) -> StreamingResponse:
+    body = await read_body(request)
+    content_type = request.headers.get("content-type")
+    return sse_response(await service.start_reply_stream(runtime, user=user, body=body, content_type=content_type))
+
+
+@app.get("/api/ai/chat/stream/{message_id}/")
+async def chat_stream_resume(message_id: int, request: Request, user: CurrentUser) -> StreamingResponse:
+    last_event_id = request.headers.get("last-event-id")
+    return sse_response(
+        await service.resume_reply_stream(runtime, user=user, message_id=message_id, last_event_id=last_event_id)
+    )
+
+
+@app.post("/api/ai/chat/stream/{message_id}/stop/")
+async def chat_stream_stop(message_id: int, request: Request, user: CurrentUser) -> dict:
+    content_type = request.headers.get("content-type")
+    return await service.stop_reply(runtime, user=user, message_id=message_id, content_type=content_type)
+
+
+def _database_answers() -> None:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+
+
+@app.get("/healthz")
+async def healthz() -> JSONResponse:
+    try:
+        await run_db(_database_answers)
+    except Exception:  # noqa: BLE001 - any database failure means "not healthy"
+        return JSONResponse({"status": "unavailable", "database": "unreachable"}, status_code=503)
+    return JSONResponse({"status": "ok", "accepting": runtime.accepting})

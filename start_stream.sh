@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Start the streaming sidecar (FastAPI under uvicorn). Extra arguments go to uvicorn.
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}"
+exec "$PYTHON" -m uvicorn asgi_stream:app \
+  --host 0.0.0.0 \
+  --port "${PORT:-8001}" \
+  --timeout-keep-alive 300 \
+  --timeout-graceful-shutdown "${STREAM_GRACEFUL_SHUTDOWN_SECONDS:-25}" \
+  --workers "${STREAM_WORKERS:-1}" \
+  --proxy-headers --forwarded-allow-ips "${FORWARDED_ALLOW_IPS:-127.0.0.1}" \
+  "$@"
