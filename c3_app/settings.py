@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import dj_database_url
@@ -207,6 +208,7 @@ STORAGES = {
 }
 # Serve straight from the apps when collectstatic has not run (dev, tests); production collects.
 WHITENOISE_USE_FINDERS = True
+warnings.filterwarnings("ignore", message="No directory at")  # WhiteNoise, before collectstatic
 
 # --- Logging ----------------------------------------------------------------------------------
 

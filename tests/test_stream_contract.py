@@ -1,0 +1,448 @@
+"""The stream contract of shared/API.md, run against both adapters over real HTTP: the FastAPI
+sidecar under uvicorn and Django's fallback under a WSGI server. The model is the local
+OpenAI-compatible server, reached through the real openai SDK."""
+
+from __future__ import annotations
+
+import json
+import time
+import weakref
+from http import HTTPStatus
+
+import pytest
+
+from ai_features.models import Conversation, Message, ReplyChunk
+from tests.conftest import wait_until
+from tests.fake_openai import scenario
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def stored_counts() -> tuple[int, int]:
+    return Conversation.objects.count(), Message.objects.count()
+
+
+# --- The happy path -----------------------------------------------------------------------------------
+
+
+def test_streams_a_reply_as_sse_and_stores_it(stream_service, model_server, user):
+    client = stream_service.client(user)
+
+    result = client.send(scenario(chunks=["Hel", "lo", ", wor", "ld!"]))
+
+    assert result.status == HTTPStatus.OK
+    assert result.headers["content-type"].startswith("text/event-stream")
+    assert result.headers["cache-control"] == "no-cache"
+    assert result.headers["x-accel-buffering"] == "no"
+    assert "content-encoding" not in result.headers
+    types = [p["type"] for p in result.payloads]
+    assert types == ["start", "content", "content", "content", "content", "done"]
+    assert [e.id for e in result.events] == ["0", "1", "2", "3", "4", "5"]
+    assert all(set(p) >= {"type", "content"} for p in result.payloads)
+    assert all(e.event is None for e in result.events)
+    assert result.text == "Hello, world!"
+
+    start, done = result.payloads[0], result.terminal
+    assert done["status"] == "completed"
+    assert done["model"] == "gpt-4o-mini"
+    assert done["usage"]["completion_tokens"] == 4
+    assert done["usage"]["prompt_tokens"] > 0
+
+    reply = Message.objects.get(pk=start["assistant_message_id"])
+    assert done["message_id"] == reply.pk
+    assert reply.content == result.text
+    assert reply.status == Message.Status.COMPLETED
+    assert reply.conversation_id == start["conversation_id"]
+    assert reply.completion_tokens == 4 and reply.prompt_tokens == done["usage"]["prompt_tokens"]
+    assert reply.ttft_ms is not None and reply.duration_ms is not None and reply.duration_ms >= reply.ttft_ms
+    question = Message.objects.get(pk=start["user_message_id"])
+    assert question.role == Message.Role.USER and question.user == user
+    assert model_server.requests[-1].body["stream"] is True
+    assert model_server.requests[-1].body["stream_options"] == {"include_usage": True}
+
+
+def test_cookie_session_works_on_both_services(stream_service, model_server, user):
+    client = stream_service.client(user, auth="cookie")
+    result = client.send("hello by cookie")
+    assert result.status == HTTPStatus.OK
+    assert result.terminal["status"] == "completed"
+    assert result.text == "You said: hello by cookie"
+
+
+def test_stream_token_works_on_both_services(stream_service, model_server, user):
+    client = stream_service.client(user, auth="token")
+    result = client.send("hello by token")
+    assert result.status == HTTPStatus.OK
+    assert result.text == "You said: hello by token"
+
+
+def test_multibyte_text_survives_intact(stream_service, model_server, user):
+    pieces = ["日本", "語 и ", "кириллица ", "한국어 ", "🙂👍🏽", "\n```py\nprint('x')\n```"]
+    result = stream_service.client(user).send(scenario(chunks=pieces))
+    assert result.text == "".join(pieces)
+    assert Message.objects.get(pk=result.terminal["message_id"]).content == "".join(pieces)
+
+
+def test_continuing_a_conversation_sends_history_in_order(stream_service, model_server, user, settings):
+    settings.SYSTEM_PROMPT = "Be brief."
+    settings.MAX_CHAT_HISTORY = 3
+    client = stream_service.client(user)
+    first = client.send("one")
+    conversation_id = first.payloads[0]["conversation_id"]
+    client.send("two", conversation_id=conversation_id)
+
+    third = client.send("three", conversation_id=conversation_id)
+
+    assert third.payloads[0]["conversation_id"] == conversation_id
+    sent = model_server.requests[-1].body["messages"]
+    assert sent[0] == {"role": "system", "content": "Be brief."}
+    # The 3 most recent earlier messages, oldest first, then the new one.
+    assert [m["content"] for m in sent[1:]] == ["You said: one", "two", "You said: two", "three"]
+    assert [m["role"] for m in sent[1:]] == ["assistant", "user", "assistant", "user"]
+
+
+def test_include_history_false_sends_only_the_new_message(stream_service, model_server, user, settings):
+    settings.SYSTEM_PROMPT = ""
+    client = stream_service.client(user)
+    first = client.send("one")
+    client.send("two", conversation_id=first.payloads[0]["conversation_id"], include_history=False)
+    assert model_server.requests[-1].body["messages"] == [{"role": "user", "content": "two"}]
+
+
+def test_partial_replies_count_as_history(stream_service, model_server, user, settings):
+    settings.SYSTEM_PROMPT = ""
+    client = stream_service.client(user)
+    failed = client.send(scenario(chunks=["half ", "an ", "answer"], drop_after=2))
+    assert failed.terminal["type"] == "error"
+    client.send("again", conversation_id=failed.payloads[0]["conversation_id"])
+    contents = [m["content"] for m in model_server.requests[-1].body["messages"]]
+    assert contents[-2:] == ["half an ", "again"]
+
+
+def test_heartbeat_comments_while_the_model_is_silent(stream_service, model_server, user, settings):
+    settings.STREAM_HEARTBEAT_SECONDS = 0.2
+    result = stream_service.client(user).send(scenario(chunks=["slow"], first_delay_ms=900))
+    assert "ping" in result.comments
+    assert result.raw.count(b": ping\n\n") >= 2
+    assert result.text == "slow"
+
+
+def test_idempotent_retry_streams_the_first_reply_and_stores_nothing_new(stream_service, model_server, user):
+    client = stream_service.client(user)
+    first = client.send(scenario(chunks=["only ", "once"]), client_message_id="abc-123")
+    counts = stored_counts()
+
+    again = client.send(scenario(chunks=["only ", "once"]), client_message_id="abc-123")
+
+    assert stored_counts() == counts
+    assert again.payloads == first.payloads
+    assert len(model_server.requests) == 1
+
+
+def test_the_same_client_message_id_of_another_user_is_independent(stream_service, model_server, user, other_user):
+    stream_service.client(user).send("mine", client_message_id="same-key")
+    theirs = stream_service.client(other_user).send("theirs", client_message_id="same-key")
+    assert theirs.text == "You said: theirs"
+
+
+# --- Errors before any byte -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b"{not json", HTTPStatus.BAD_REQUEST),
+        (b"[1, 2]", HTTPStatus.BAD_REQUEST),
+        ({}, HTTPStatus.BAD_REQUEST),
+        ({"message": ""}, HTTPStatus.BAD_REQUEST),
+        ({"message": "   \n\t "}, HTTPStatus.BAD_REQUEST),
+        ({"message": 42}, HTTPStatus.BAD_REQUEST),
+        ({"message": "hi", "include_history": "yes"}, HTTPStatus.BAD_REQUEST),
+        ({"message": "hi", "conversation_id": "7"}, HTTPStatus.BAD_REQUEST),
+        ({"message": "hi", "conversation_id": True}, HTTPStatus.BAD_REQUEST),
+        ({"message": "hi", "client_message_id": 5}, HTTPStatus.BAD_REQUEST),
+        ({"message": "hi", "conversation_id": 999999}, HTTPStatus.NOT_FOUND),
+    ],
+)
+def test_bad_requests_get_a_json_error_and_store_nothing(stream_service, model_server, user, body, expected):
+    client = stream_service.client(user)
+    result = client.send(body=body)
+    assert result.status == expected
+    assert result.headers["content-type"].startswith("application/json")
+    assert isinstance(result.json["error"], str) and result.json["error"]
+    assert stored_counts() == (0, 0)
+    assert model_server.requests == []
+
+
+def test_a_message_over_the_limit_is_rejected(stream_service, model_server, user, settings):
+    settings.MAX_MESSAGE_CHARS = 50
+    result = stream_service.client(user).send("x" * 51)
+    assert result.status == HTTPStatus.BAD_REQUEST
+    assert "50" in result.json["error"]
+    assert stored_counts() == (0, 0)
+
+
+def test_an_oversized_body_is_413(stream_service, model_server, user, settings):
+    settings.MAX_REQUEST_BYTES = 1000
+    result = stream_service.client(user).send(body=json.dumps({"message": "y" * 5000}))
+    assert result.status == HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+    assert stored_counts() == (0, 0)
+
+
+def test_a_non_json_content_type_is_415(stream_service, model_server, user):
+    client = stream_service.client(user)
+    result = client.collect("POST", "/api/ai/chat/stream/", content=b'{"message": "hi"}',
+                            headers={"Content-Type": "text/plain"})
+    assert result.status == HTTPStatus.UNSUPPORTED_MEDIA_TYPE
+    assert "error" in result.json
+    assert stored_counts() == (0, 0)
+
+
+def test_anonymous_and_bad_tokens_are_401(stream_service, model_server, user):
+    anonymous = stream_service.client(None)
+    assert anonymous.send("hi").status == HTTPStatus.UNAUTHORIZED
+    forged = anonymous.collect("POST", "/api/ai/chat/stream/", json={"message": "hi"},
+                               headers={"Authorization": "Bearer not-a-token"})
+    assert forged.status == HTTPStatus.UNAUTHORIZED
+    assert "error" in forged.json
+    assert stored_counts()[1] == 0
+
+
+def test_a_foreign_origin_is_403_and_changes_nothing(stream_service, model_server, user):
+    for auth in ("cookie", "token"):
+        client = stream_service.client(user, auth=auth)
+        result = client.collect(
+            "POST", "/api/ai/chat/stream/", json={"message": "hi"}, headers={"Origin": "https://evil.example"}
+        )
+        assert result.status == HTTPStatus.FORBIDDEN, auth
+        assert "error" in result.json
+    assert stored_counts() == (0, 0)
+
+
+def test_someone_elses_conversation_is_404(stream_service, model_server, user, other_user):
+    mine = stream_service.client(user).send("private")
+    conversation_id = mine.payloads[0]["conversation_id"]
+    counts = stored_counts()
+
+    result = stream_service.client(other_user).send("let me in", conversation_id=conversation_id)
+
+    assert result.status == HTTPStatus.NOT_FOUND
+    assert stored_counts() == counts
+
+
+def test_too_many_messages_a_minute_is_429(stream_service, model_server, user, settings):
+    settings.RATE_LIMIT_MESSAGES_PER_MINUTE = 2
+    client = stream_service.client(user)
+    assert client.send("one").status == HTTPStatus.OK
+    assert client.send("two").status == HTTPStatus.OK
+    counts = stored_counts()
+    result = client.send("three")
+    assert result.status == HTTPStatus.TOO_MANY_REQUESTS
+    assert result.headers["retry-after"]
+    assert stored_counts() == counts
+
+
+# --- Failures of the model ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [(401, "upstream_auth"), (429, "upstream_rate_limited"), (500, "upstream_unavailable")],
+)
+def test_model_server_errors_end_the_stream_with_one_error_event(stream_service, model_server, user, status, code):
+    result = stream_service.client(user).send(scenario(status=status, error_message="secret upstream detail"))
+
+    assert result.status == HTTPStatus.OK
+    assert [p["type"] for p in result.payloads] == ["start", "error"]
+    error = result.terminal
+    assert error["code"] == code
+    assert error["content"] and "secret upstream detail" not in error["content"]
+    assert "Traceback" not in result.raw.decode() and "sk-test" not in result.raw.decode()
+    reply = Message.objects.get(pk=result.payloads[0]["assistant_message_id"])
+    assert reply.status == Message.Status.ERROR and reply.error_code == code
+    assert Message.objects.filter(pk=result.payloads[0]["user_message_id"]).exists()
+
+
+def test_a_connection_dropped_midway_keeps_the_partial_text(stream_service, model_server, user):
+    result = stream_service.client(user).send(scenario(chunks=["one ", "two ", "three ", "four"], drop_after=2))
+
+    assert [p["type"] for p in result.payloads] == ["start", "content", "content", "error"]
+    assert result.terminal["code"] == "upstream_disconnected"
+    reply = Message.objects.get(pk=result.payloads[0]["assistant_message_id"])
+    assert reply.status == Message.Status.ERROR
+    assert reply.content == result.text == "one two "
+
+
+def test_an_unreachable_model_server_is_an_error_event(stream_service, model_server, user, settings):
+    settings.OPENAI_BASE_URL = "http://127.0.0.1:9/v1"  # discard port: nothing listens
+    result = stream_service.client(user).send("anyone there?")
+    assert result.terminal["type"] == "error"
+    assert result.terminal["code"] == "upstream_disconnected"
+
+
+def test_a_reply_over_the_token_limit_ends_with_a_typed_error_and_keeps_its_text(
+    stream_service, model_server, user, settings
+):
+    settings.MAX_REPLY_TOKENS = 3
+    result = stream_service.client(user).send(scenario(chunks=["a", "b", "c", "d", "e"]))
+    assert result.terminal["code"] == "reply_too_long"
+    assert result.text == "abc"
+    assert Message.objects.get(pk=result.terminal["message_id"]).content == "abc"
+
+
+# --- Clients that go away, Stop and resume -------------------------------------------------------------------
+
+
+_readers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def read_events(response, count: int) -> list[dict]:
+    """Read up to `count` more events from an open response (call again to read on)."""
+    from tests.sse_client import SSEParser
+
+    if response not in _readers:
+        _readers[response] = (response.iter_raw(), SSEParser())
+    chunks, parser = _readers[response]
+    seen = len(parser.events)
+    for chunk in chunks:
+        parser.feed(chunk)
+        if len(parser.events) - seen >= count:
+            break
+    return [dict(e.json, _id=int(e.id)) for e in parser.events[seen : seen + count]]
+
+
+def test_a_client_that_disconnects_does_not_stop_the_reply(stream_service, model_server, user):
+    client = stream_service.client(user)
+    chunks = [f"w{i} " for i in range(30)]
+    with client.open("POST", "/api/ai/chat/stream/", json={"message": scenario(chunks=chunks, delay_ms=20)}) as response:
+        seen = read_events(response, 4)
+    reply_id = seen[0]["assistant_message_id"]
+
+    reply = wait_until(lambda: Message.objects.filter(pk=reply_id).exclude(status="streaming").first(), timeout=10)
+
+    assert reply.status == Message.Status.COMPLETED
+    assert reply.content == "".join(chunks)
+
+
+def test_resume_after_a_disconnect_has_no_gap_and_no_duplicate(stream_service, model_server, user):
+    client = stream_service.client(user)
+    chunks = [f"p{i} " for i in range(40)]
+    with client.open("POST", "/api/ai/chat/stream/", json={"message": scenario(chunks=chunks, delay_ms=15)}) as response:
+        first_half = read_events(response, 6)
+    reply_id = first_half[0]["assistant_message_id"]
+    last_id = first_half[-1]["_id"]
+
+    second_half = client.resume(reply_id, last_event_id=last_id)
+
+    assert [int(e.id) for e in second_half.events] == list(range(last_id + 1, len(chunks) + 2))
+    text = "".join(e["content"] for e in first_half if e["type"] == "content") + second_half.text
+    stored = Message.objects.get(pk=reply_id)
+    assert text == stored.content == "".join(chunks)
+    assert second_half.terminal["type"] == "done"
+
+
+def test_a_finished_reply_replays_identically(stream_service, model_server, user):
+    client = stream_service.client(user)
+    live = client.send(scenario(chunks=["a", "b", "c"]))
+    reply_id = live.payloads[0]["assistant_message_id"]
+
+    replay = client.resume(reply_id)
+
+    assert [(e.id, e.data) for e in replay.events] == [(e.id, e.data) for e in live.events]
+    assert client.resume(reply_id, last_event_id=2).payloads == live.payloads[3:]
+
+
+def test_two_watchers_see_identical_events(stream_service, model_server, user):
+    import threading
+
+    client, second_tab = stream_service.client(user), stream_service.client(user)
+    chunks = [f"t{i} " for i in range(25)]
+    results = {}
+    with client.open("POST", "/api/ai/chat/stream/", json={"message": scenario(chunks=chunks, delay_ms=20)}) as response:
+        start = read_events(response, 1)[0]
+        watcher = threading.Thread(target=lambda: results.update(second=second_tab.resume(start["assistant_message_id"])))
+        watcher.start()
+        rest = read_events(response, 10_000)
+    watcher.join(timeout=20)
+
+    first_events = [(e["_id"], e["type"], e["content"]) for e in [start, *rest]]
+    second_events = [(int(e.id), e.json["type"], e.json["content"]) for e in results["second"].events]
+    assert first_events == second_events
+    assert first_events[-1][1] == "done"
+
+
+def test_stop_before_the_first_token_cancels_upstream_at_once(stream_service, model_server, user):
+    client = stream_service.client(user)
+    with client.open("POST", "/api/ai/chat/stream/", json={"message": scenario(hang=True)}) as response:
+        start = read_events(response, 1)[0]
+        upstream = model_server.wait_for_requests(1)[0]
+        stopped_at = time.monotonic()
+        answer = client.stop(start["assistant_message_id"])
+        rest = read_events(response, 10_000)
+
+    assert answer.status_code == HTTPStatus.OK and answer.json() == {"status": "cancelled"}
+    assert upstream.wait_closed(timeout=2)
+    assert upstream.client_closed_at - stopped_at < 0.1
+    assert [e["type"] for e in rest] == ["done"] and rest[0]["status"] == "cancelled"
+    reply = Message.objects.get(pk=start["assistant_message_id"])
+    assert reply.status == Message.Status.CANCELLED and reply.content == ""
+
+
+def test_stop_after_some_tokens_keeps_exactly_what_was_streamed(stream_service, model_server, user):
+    client = stream_service.client(user)
+    chunks = [f"s{i} " for i in range(200)]
+    with client.open("POST", "/api/ai/chat/stream/", json={"message": scenario(chunks=chunks, delay_ms=10)}) as response:
+        events = read_events(response, 6)
+        upstream = model_server.wait_for_requests(1)[0]
+        stopped_at = time.monotonic()
+        answer = client.stop(events[0]["assistant_message_id"])
+        events += read_events(response, 10_000)
+
+    assert answer.json() == {"status": "cancelled"}
+    assert upstream.wait_closed(timeout=2) and upstream.client_closed_at - stopped_at < 0.1
+    streamed = "".join(e["content"] for e in events if e["type"] == "content")
+    reply = Message.objects.get(pk=events[0]["assistant_message_id"])
+    assert events[-1]["type"] == "done" and events[-1]["status"] == "cancelled"
+    assert reply.status == Message.Status.CANCELLED
+    assert reply.content == streamed and 5 <= len(streamed.split()) < 200
+    assert reply.completion_tokens == len(streamed.split())
+
+
+def test_stop_is_idempotent(stream_service, model_server, user):
+    client = stream_service.client(user)
+    done = client.send(scenario(chunks=["fin"]))
+    reply_id = done.terminal["message_id"]
+    assert client.stop(reply_id).json() == {"status": "completed"}
+    assert client.stop(reply_id).json() == {"status": "completed"}
+    assert Message.objects.get(pk=reply_id).content == "fin"
+
+
+def test_someone_elses_reply_is_404_for_resume_and_stop(stream_service, model_server, user, other_user):
+    reply_id = stream_service.client(user).send("mine").terminal["message_id"]
+    intruder = stream_service.client(other_user)
+    assert intruder.resume(reply_id).status == HTTPStatus.NOT_FOUND
+    assert intruder.stop(reply_id).status_code == HTTPStatus.NOT_FOUND
+    assert Message.objects.get(pk=reply_id).status == Message.Status.COMPLETED
+
+
+def test_a_bad_last_event_id_is_400(stream_service, model_server, user):
+    client = stream_service.client(user)
+    reply_id = client.send("x").terminal["message_id"]
+    result = client.collect("GET", f"/api/ai/chat/stream/{reply_id}/", headers={"Last-Event-ID": "abc"})
+    assert result.status == HTTPStatus.BAD_REQUEST
+
+
+def test_the_log_is_written_in_batches_not_per_token(stream_service, model_server, user, settings):
+    settings.GENERATION_FLUSH_SECONDS = 0.2
+    chunks = [f"{i} " for i in range(300)]
+    started = time.monotonic()
+    result = stream_service.client(user).send(scenario(chunks=chunks, delay_ms=3))
+    seconds = time.monotonic() - started
+    reply_id = result.terminal["message_id"]
+
+    log_rows = ReplyChunk.objects.filter(message_id=reply_id).count()
+
+    assert result.text == "".join(chunks)
+    # One log row per flush tick while it streamed, plus the final one: O(duration), not O(tokens).
+    assert log_rows <= seconds / 0.2 + 3
+    assert log_rows < 30
