@@ -21,7 +21,7 @@ django.setup()
 
 from django.conf import settings  # noqa: E402  (Django must be set up first)
 from django.db import connection  # noqa: E402
-from fastapi import Depends, FastAPI, Request  # noqa: E402
+from fastapi import APIRouter, Depends, FastAPI, Request  # noqa: E402
 from fastapi.middleware.cors import CORSMiddleware  # noqa: E402
 from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
 
@@ -30,10 +30,7 @@ from ai_features.streaming.runtime import GenerationRuntime, run_db  # noqa: E40
 from ai_features.streaming.sse import SSE_HEADERS  # noqa: E402
 from ai_features.streaming.validation import ApiError  # noqa: E402
 
-runtime = GenerationRuntime()
-
-
-def _refuse_new_streams_on_sigterm() -> None:
+def _refuse_new_streams_on_sigterm(runtime: GenerationRuntime) -> None:
     """uvicorn drains open connections on SIGTERM; we also answer 503 to new streams arriving on
     kept-alive connections meanwhile, so a deploy never starts a reply it would have to cut."""
     try:
@@ -55,26 +52,34 @@ def _refuse_new_streams_on_sigterm() -> None:
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    runtime = app.state.runtime = GenerationRuntime()
     await runtime.start()
-    _refuse_new_streams_on_sigterm()
+    _refuse_new_streams_on_sigterm(runtime)
     yield
     # uvicorn has drained (or, past --timeout-graceful-shutdown, cut) the open responses; replies
     # nobody watches get their own grace period, then are marked interrupted with their text.
     await runtime.shutdown(settings.GENERATION_SHUTDOWN_GRACE_SECONDS)
 
 
-app = FastAPI(title="c3 chat stream", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-app.add_middleware(
-    CORSMiddleware,
-    allow_origins=settings.CORS_ALLOWED_ORIGINS,  # exact origins only; settings refuse wildcards
-    allow_credentials=True,
-    allow_methods=["GET", "POST"],
-    allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
-    max_age=600,
-)
+def runtime_of(request: Request) -> GenerationRuntime:
+    return request.app.state.runtime
 
 
-@app.exception_handler(ApiError)
+def create_app() -> FastAPI:
+    app = FastAPI(title="c3 chat stream", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.CORS_ALLOWED_ORIGINS,  # exact origins only; settings refuse wildcards
+        allow_credentials=True,
+        allow_methods=["GET", "POST"],
+        allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+        max_age=600,
+    )
+    app.add_exception_handler(ApiError, api_error)
+    app.include_router(router)
+    return app
+
+
 async def api_error(request: Request, exc: ApiError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
@@ -89,6 +94,7 @@ async def current_user(request: Request) -> Any:
 
 
 CurrentUser = Annotated[Any, Depends(current_user)]
+router = APIRouter()
 
 
 async def read_body(request: Request) -> bytes:
@@ -109,25 +115,25 @@ def sse_response(body: AsyncIterator[bytes]) -> StreamingResponse:
     return StreamingResponse(body, headers=SSE_HEADERS)
 
 
-@app.post("/api/ai/chat/stream/")
+@router.post("/api/ai/chat/stream/")
 async def chat_stream(request: Request, user: CurrentUser) -> StreamingResponse:
     body = await read_body(request)
     content_type = request.headers.get("content-type")
-    return sse_response(await service.start_reply_stream(runtime, user=user, body=body, content_type=content_type))
+    return sse_response(await service.start_reply_stream(runtime_of(request), user=user, body=body, content_type=content_type))
 
 
-@app.get("/api/ai/chat/stream/{message_id}/")
+@router.get("/api/ai/chat/stream/{message_id}/")
 async def chat_stream_resume(message_id: int, request: Request, user: CurrentUser) -> StreamingResponse:
     last_event_id = request.headers.get("last-event-id")
     return sse_response(
-        await service.resume_reply_stream(runtime, user=user, message_id=message_id, last_event_id=last_event_id)
+        await service.resume_reply_stream(runtime_of(request), user=user, message_id=message_id, last_event_id=last_event_id)
     )
 
 
-@app.post("/api/ai/chat/stream/{message_id}/stop/")
+@router.post("/api/ai/chat/stream/{message_id}/stop/")
 async def chat_stream_stop(message_id: int, request: Request, user: CurrentUser) -> dict:
     content_type = request.headers.get("content-type")
-    return await service.stop_reply(runtime, user=user, message_id=message_id, content_type=content_type)
+    return await service.stop_reply(runtime_of(request), user=user, message_id=message_id, content_type=content_type)
 
 
 def _database_answers() -> None:
@@ -135,10 +141,13 @@ def _database_answers() -> None:
         cursor.execute("SELECT 1")
 
 
-@app.get("/healthz")
-async def healthz() -> JSONResponse:
+@router.get("/healthz")
+async def healthz(request: Request) -> JSONResponse:
     try:
         await run_db(_database_answers)
     except Exception:  # noqa: BLE001 - any database failure means "not healthy"
         return JSONResponse({"status": "unavailable", "database": "unreachable"}, status_code=503)
-    return JSONResponse({"status": "ok", "accepting": runtime.accepting})
+    return JSONResponse({"status": "ok", "accepting": runtime_of(request).accepting})
+
+
+app = create_app()
