@@ -68,7 +68,9 @@ if render_host := env_str("RENDER_EXTERNAL_HOSTNAME"):
     ALLOWED_HOSTS.append(render_host)
 
 _local_origins = [f"http://{host}:{port}" for host in ("localhost", "127.0.0.1") for port in (8000, 8001)]
-CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", _local_origins if DEBUG else [])
+CSRF_TRUSTED_ORIGINS = [
+    o if "://" in o else f"https://{o}" for o in env_list("CSRF_TRUSTED_ORIGINS", _local_origins if DEBUG else [])
+]
 if render_host:
     CSRF_TRUSTED_ORIGINS.append(f"https://{render_host}")
 
@@ -186,7 +188,10 @@ SESSION_COOKIE_SECURE = SECURE_SSL_REDIRECT
 CSRF_COOKIE_SECURE = SECURE_SSL_REDIRECT
 SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 60 * 60 * 24 * 30) if SECURE_SSL_REDIRECT else 0
 SECURE_HSTS_INCLUDE_SUBDOMAINS = SECURE_SSL_REDIRECT
-SECURE_HSTS_PRELOAD = False
+SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", False)
+# Preloading is a decision for the owner of a registrable domain (a *.onrender.com host cannot be
+# preloaded), so it is opt-in and its deploy-check warning is silenced on purpose.
+SILENCED_SYSTEM_CHECKS = [] if SECURE_HSTS_PRELOAD else ["security.W021"]
 SECURE_REDIRECT_EXEMPT = [r"^healthz$"]  # Render's health checker speaks plain http inside its network
 SESSION_COOKIE_HTTPONLY = True
 SESSION_COOKIE_SAMESITE = "Lax"
@@ -222,10 +227,18 @@ LOGGING = {
 
 # --- c3 chat: streaming -----------------------------------------------------------------------
 
+
+
+def as_origin(value: str) -> str:
+    """Accept a bare host too (Render's `fromService … property: host` gives one) as https."""
+    value = value.strip().rstrip("/")
+    return value if "://" in value or not value else f"https://{value}"
+
+
 # Base URL of the sidecar; empty means the page streams from Django's fallback endpoint.
-STREAM_API_URL = env_str("STREAM_API_URL").rstrip("/")
+STREAM_API_URL = as_origin(env_str("STREAM_API_URL"))
 # Exact origins the sidecar answers with credentials (never a wildcard).
-CORS_ALLOWED_ORIGINS = env_list("CORS_ALLOWED_ORIGINS", CSRF_TRUSTED_ORIGINS)
+CORS_ALLOWED_ORIGINS = [as_origin(o) for o in env_list("CORS_ALLOWED_ORIGINS", CSRF_TRUSTED_ORIGINS)]
 if any("*" in origin for origin in CORS_ALLOWED_ORIGINS):
     raise ImproperlyConfigured("CORS_ALLOWED_ORIGINS takes exact origins; wildcards are refused.")
 
