@@ -917,6 +917,19 @@ function renderConversationList() {
   els.loadMore.hidden = !state.nextPage;
 }
 
+
+function iconButton(testId, title, icon, label, onClick, extraClass = '') {
+  const button = document.createElement('button');
+  button.type = 'button';
+  button.className = `icon-button ${extraClass}`.trim();
+  button.setAttribute('data-testid', testId);
+  button.setAttribute('aria-label', label);
+  button.title = title;
+  button.innerHTML = icon; // our own SVG constants, never model output
+  button.addEventListener('click', onClick);
+  return button;
+}
+
 function conversationItem(c) {
   const li = document.createElement('li');
   li.className = 'conversation-item';
@@ -944,22 +957,10 @@ function conversationItem(c) {
 
   const actions = document.createElement('div');
   actions.className = 'conversation-actions';
-  const rename = document.createElement('button');
-  rename.type = 'button';
-  rename.className = 'icon-button';
-  rename.setAttribute('data-testid', 'conversation-rename');
-  rename.setAttribute('aria-label', `Rename “${displayTitle(c)}”`);
-  rename.title = 'Rename';
-  rename.innerHTML = ICONS.pencil;
-  rename.addEventListener('click', () => startRename(li, c));
-  const del = document.createElement('button');
-  del.type = 'button';
-  del.className = 'icon-button danger';
-  del.setAttribute('data-testid', 'conversation-delete');
-  del.setAttribute('aria-label', `Delete “${displayTitle(c)}”`);
-  del.title = 'Delete';
-  del.innerHTML = ICONS.trash;
-  del.addEventListener('click', () => deleteConversation(c));
+  const rename = iconButton('conversation-rename', 'Rename', ICONS.pencil, `Rename “${displayTitle(c)}”`,
+    () => startRename(li, c));
+  const del = iconButton('conversation-delete', 'Delete', ICONS.trash, `Delete “${displayTitle(c)}”`,
+    () => deleteConversation(c), 'danger');
   actions.append(rename, del);
   li.appendChild(actions);
   return li;
