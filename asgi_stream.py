@@ -7,6 +7,7 @@ lives in `ai_features.streaming`; this module only adapts HTTP to it.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from collections.abc import AsyncIterator
@@ -30,9 +31,12 @@ from ai_features.streaming.runtime import GenerationRuntime, run_db  # noqa: E40
 from ai_features.streaming.sse import SSE_HEADERS  # noqa: E402
 from ai_features.streaming.validation import ApiError  # noqa: E402
 
-def _refuse_new_streams_on_sigterm(runtime: GenerationRuntime) -> None:
-    """uvicorn drains open connections on SIGTERM; we also answer 503 to new streams arriving on
-    kept-alive connections meanwhile, so a deploy never starts a reply it would have to cut."""
+def _drain_on_sigterm(runtime: GenerationRuntime) -> None:
+    """On SIGTERM, start the runtime's shutdown at once, beside uvicorn's own drain: new streams
+    get 503, running replies have GENERATION_SHUTDOWN_GRACE_SECONDS to finish, and the rest end as
+    `interrupted` with their text, so their watchers get a terminal event and uvicorn's drain
+    (--timeout-graceful-shutdown, a backstop) completes within the platform's kill window."""
+    loop = asyncio.get_running_loop()
     try:
         previous = signal.getsignal(signal.SIGTERM)
     except ValueError:  # not the main thread (tests run uvicorn in a thread)
@@ -41,7 +45,7 @@ def _refuse_new_streams_on_sigterm(runtime: GenerationRuntime) -> None:
         return
 
     def on_sigterm(signum: int, frame: Any) -> None:
-        runtime.accepting = False
+        loop.call_soon_threadsafe(runtime.begin_shutdown, settings.GENERATION_SHUTDOWN_GRACE_SECONDS)
         previous(signum, frame)
 
     try:
@@ -54,10 +58,8 @@ def _refuse_new_streams_on_sigterm(runtime: GenerationRuntime) -> None:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     runtime = app.state.runtime = GenerationRuntime()
     await runtime.start()
-    _refuse_new_streams_on_sigterm(runtime)
+    _drain_on_sigterm(runtime)
     yield
-    # uvicorn has drained (or, past --timeout-graceful-shutdown, cut) the open responses; replies
-    # nobody watches get their own grace period, then are marked interrupted with their text.
     await runtime.shutdown(settings.GENERATION_SHUTDOWN_GRACE_SECONDS)
 
 

@@ -186,33 +186,44 @@ class LogBatch:
     pieces: list[str]
 
 
+def log_batches(message_id: int, pieces: list[str], *, logged: int) -> list[LogBatch]:
+    """The not yet logged pieces (those after the first `logged`) as rows of at most
+    MAX_PIECES_PER_CHUNK pieces: `reply_pieces` relies on that bound to find where to start."""
+    return [
+        LogBatch(message_id, first + 1, pieces[first : first + MAX_PIECES_PER_CHUNK])
+        for first in range(logged, len(pieces), MAX_PIECES_PER_CHUNK)
+    ]
+
+
 def reply_log_append(batches: list[LogBatch]) -> set[int]:
-    """Write batches of several replies at once. Returns the ids whose rows are gone (deleted)."""
+    """Write batches of several replies in one transaction, only for replies still streaming.
+    Returns the ids that are no longer streaming (reaped, deleted): their process must stop.
+
+    The rows are locked first, like the reaper does, so a reply is never reaped between the
+    check and the write (the reaper's text would then miss these pieces)."""
     if not batches:
         return set()
-    rows = [ReplyChunk(message_id=b.message_id, first_seq=b.first_seq, pieces=b.pieces) for b in batches]
-    try:
-        with transaction.atomic():
-            ReplyChunk.objects.bulk_create(rows)
-        return set()
-    except IntegrityError:
-        # A reply (or its conversation) was deleted while generating: write the others one by one.
-        pass
-    gone: set[int] = set()
-    for row in rows:
-        try:
-            with transaction.atomic():
-                row.save(force_insert=True)
-        except IntegrityError:
-            gone.add(row.message_id)
-    return gone
+    ids = sorted({batch.message_id for batch in batches})
+    with transaction.atomic():
+        live = set(
+            Message.objects.select_for_update()
+            .filter(pk__in=ids, status=Message.Status.STREAMING)
+            .order_by("pk")
+            .values_list("pk", flat=True)
+        )
+        ReplyChunk.objects.bulk_create(
+            ReplyChunk(message_id=b.message_id, first_seq=b.first_seq, pieces=b.pieces)
+            for b in batches
+            if b.message_id in live
+        )
+    return set(ids) - live
 
 
 @dataclass(frozen=True, slots=True)
 class ReplyFinish:
     outcome: ReplyOutcome
     content: str
-    last_batch: LogBatch | None
+    last_batches: list[LogBatch]
     ttft_ms: int | None
     duration_ms: int
 
@@ -236,28 +247,44 @@ def reply_finish(finish: ReplyFinish) -> bool:
             finished_at=timezone.now(),
             updated_at=timezone.now(),
         )
-        if updated and finish.last_batch is not None:
-            batch = finish.last_batch
-            ReplyChunk.objects.create(message_id=batch.message_id, first_seq=batch.first_seq, pieces=batch.pieces)
+        if updated and finish.last_batches:
+            ReplyChunk.objects.bulk_create(
+                ReplyChunk(message_id=b.message_id, first_seq=b.first_seq, pieces=b.pieces) for b in finish.last_batches
+            )
     return bool(updated)
 
 
-def reply_renew_leases(message_ids: list[int]) -> None:
-    if message_ids:
-        expires = timezone.now() + timedelta(seconds=settings.GENERATION_LEASE_SECONDS)
-        Message.objects.filter(pk__in=message_ids, status=Message.Status.STREAMING).update(lease_expires_at=expires)
-
-
-def reply_ids_to_stop(message_ids: list[int]) -> set[int]:
-    """Of these live replies, the ones stopped through another process, deleted, or reaped."""
+def reply_renew_leases(message_ids: list[int]) -> set[int]:
+    """Extend the leases of these replies; returns the ids that were renewed (still streaming)."""
     if not message_ids:
         return set()
-    still_live = set(
-        Message.objects.filter(pk__in=message_ids, status=Message.Status.STREAMING, stop_requested=False).values_list(
-            "pk", flat=True
+    expires = timezone.now() + timedelta(seconds=settings.GENERATION_LEASE_SECONDS)
+    with transaction.atomic():
+        renewed = set(
+            Message.objects.select_for_update()
+            .filter(pk__in=message_ids, status=Message.Status.STREAMING)
+            .order_by("pk")
+            .values_list("pk", flat=True)
         )
+        Message.objects.filter(pk__in=renewed).update(lease_expires_at=expires)
+    return renewed
+
+
+def replies_to_stop(message_ids: list[int]) -> dict[int, str]:
+    """Of these live replies, those to stop and why: "stopped" (Stop through another process) or
+    "gone" (deleted, or reaped while this process was stalled)."""
+    if not message_ids:
+        return {}
+    rows = dict(
+        Message.objects.filter(pk__in=message_ids, status=Message.Status.STREAMING).values_list("pk", "stop_requested")
     )
-    return set(message_ids) - still_live
+    reasons: dict[int, str] = {}
+    for message_id in message_ids:
+        if message_id not in rows:
+            reasons[message_id] = "gone"
+        elif rows[message_id]:
+            reasons[message_id] = "stopped"
+    return reasons
 
 
 def reply_request_stop(*, message_id: int) -> None:
@@ -277,28 +304,35 @@ def reply_pieces(*, message_id: int, after: int) -> list[tuple[int, str]]:
     return pieces
 
 
-def reap_expired_replies() -> list[int]:
-    """Mark replies whose generating process died as `interrupted`, keeping their logged text."""
+def reap_expired_replies(*, only: int | None = None) -> list[int]:
+    """End replies whose generating process died (lease expired), keeping their logged text:
+    `interrupted`, or `cancelled` when someone had asked to stop them."""
     now = timezone.now()
-    expired = list(
-        Message.objects.filter(status=Message.Status.STREAMING, lease_expires_at__lt=now).values_list("pk", flat=True)
-    )
+    expired = Message.objects.filter(status=Message.Status.STREAMING, lease_expires_at__lt=now)
+    if only is not None:
+        expired = expired.filter(pk=only)
     reaped = []
-    for message_id in expired:
+    for message_id in expired.values_list("pk", flat=True):
         with transaction.atomic():
+            row = (
+                Message.objects.select_for_update()
+                .filter(pk=message_id, status=Message.Status.STREAMING, lease_expires_at__lt=now)
+                .values("stop_requested")
+                .first()
+            )
+            if row is None:
+                continue  # renewed or finished meanwhile
             text = "".join(text for _, text in reply_pieces(message_id=message_id, after=0))
-            updated = Message.objects.filter(
-                pk=message_id, status=Message.Status.STREAMING, lease_expires_at__lt=now
-            ).update(
-                status=Message.Status.INTERRUPTED,
+            status = Message.Status.CANCELLED if row["stop_requested"] else Message.Status.INTERRUPTED
+            Message.objects.filter(pk=message_id).update(
+                status=status,
                 content=text,
-                error_code="interrupted",
+                error_code="" if status == Message.Status.CANCELLED else "interrupted",
                 lease_expires_at=None,
                 finished_at=now,
                 updated_at=now,
             )
-        if updated:
-            reaped.append(message_id)
+        reaped.append(message_id)
     return reaped
 
 

@@ -68,6 +68,10 @@ class ReplyLimitReached(Exception):
     pass
 
 
+class LeaseLost(Exception):
+    """Another process reaped this reply while this one was stalled: stop adding to it."""
+
+
 @dataclass(eq=False)
 class LiveReply:
     start: StartEvent
@@ -77,13 +81,16 @@ class LiveReply:
     terminal: TerminalEvent | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task | None = None
-    stop_reason: str | None = None  # "stopped", "shutdown", "deleted"
+    stop_reason: str | None = None  # "stopped", "shutdown", "gone" (deleted or reaped elsewhere)
     finishing: bool = False
     write_in_flight: asyncio.Task | None = None
     started_at: float = field(default_factory=time.monotonic)
     first_piece_at: float | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    # Until when (monotonic) this process may assume its lease still holds. Past it, the reply is
+    # not extended until the database confirms nobody reaped it meanwhile (a stall, a pause).
+    lease_deadline: float = 0.0
 
     @property
     def id(self) -> int:
@@ -118,6 +125,7 @@ class GenerationRuntime:
         self.accepting = True
         self._providers: dict[tuple, Provider] = {}
         self._maintenance: asyncio.Task | None = None
+        self._shutdown: asyncio.Task | None = None
 
     # Life cycle ----------------------------------------------------------------------------------
 
@@ -129,10 +137,19 @@ class GenerationRuntime:
             logger.exception("could not reap expired replies at start")
         self._maintenance = asyncio.create_task(self._maintain(), name="c3-generation-maintenance")
 
+    def begin_shutdown(self, grace_seconds: float) -> asyncio.Task:
+        """Refuse new replies now; let running ones finish within the grace period, then store the
+        rest as interrupted with their text (their watchers get that terminal event). Idempotent:
+        SIGTERM starts it, the lifespan's end awaits the same task."""
+        if self._shutdown is None:
+            self.accepting = False
+            self._shutdown = asyncio.create_task(self._shut_down(grace_seconds), name="c3-generation-shutdown")
+        return self._shutdown
+
     async def shutdown(self, grace_seconds: float) -> None:
-        """Refuse new replies, let running ones finish within the grace period, then mark the rest
-        interrupted with their text."""
-        self.accepting = False
+        await self.begin_shutdown(grace_seconds)
+
+    async def _shut_down(self, grace_seconds: float) -> None:
         tasks = [reply.task for reply in self.live.values() if reply.task]
         if tasks and grace_seconds > 0:
             await asyncio.wait(tasks, timeout=grace_seconds)
@@ -171,10 +188,21 @@ class GenerationRuntime:
     # Generating ----------------------------------------------------------------------------------
 
     def launch(self, start: StartEvent, context: list[dict[str, str]], provider: Provider) -> LiveReply:
-        reply = LiveReply(start=start, model=provider.model)
+        reply = LiveReply(start=start, model=provider.model, lease_deadline=self._lease_deadline_from(time.monotonic()))
         self.live[reply.id] = reply
         reply.task = asyncio.create_task(self._generate(reply, provider, context), name=f"c3-reply-{reply.id}")
         return reply
+
+    @staticmethod
+    def _lease_deadline_from(renewed_at: float) -> float:
+        # A margin below the lease, for clock differences between this process and the reaper's.
+        return renewed_at + settings.GENERATION_LEASE_SECONDS * 0.8
+
+    async def _confirm_lease(self, reply: LiveReply) -> None:
+        renewed_at = time.monotonic()
+        if reply.id not in await run_db(services.reply_renew_leases, [reply.id]):
+            raise LeaseLost
+        reply.lease_deadline = self._lease_deadline_from(renewed_at)
 
     async def _generate(self, reply: LiveReply, provider: Provider, context: list[dict[str, str]]) -> None:
         status, error_code, error_message = "completed", "", ""
@@ -184,6 +212,8 @@ class GenerationRuntime:
                 async with aclosing(provider.stream(context)) as deltas:
                     async for delta in deltas:
                         if delta.text:
+                            if time.monotonic() >= reply.lease_deadline:
+                                await self._confirm_lease(reply)
                             reply.append(delta.text)
                             if len(reply.pieces) >= settings.MAX_REPLY_TOKENS:
                                 raise ReplyLimitReached
@@ -194,7 +224,9 @@ class GenerationRuntime:
         except asyncio.CancelledError:
             # Stop cancels this task; so does a shutdown past its grace period. Either way the
             # text so far is kept: swallow the cancellation and finish the row below.
-            status = "cancelled" if reply.stop_reason in ("stopped", "deleted") else "interrupted"
+            status = "cancelled" if reply.stop_reason in ("stopped", "gone") else "interrupted"
+        except LeaseLost:
+            status = "interrupted"  # what the reaper stored; _finish reports the stored outcome
         except TimeoutError:
             status, error_code = "error", "reply_too_long"
             error_message = f"The reply reached the {settings.MAX_REPLY_SECONDS:g}-second limit and was ended."
@@ -213,7 +245,6 @@ class GenerationRuntime:
         if reply.write_in_flight is not None:
             await asyncio.gather(reply.write_in_flight, return_exceptions=True)
         ended = time.monotonic()
-        unlogged = reply.pieces[reply.flushed :]
         completion_tokens = reply.completion_tokens
         if completion_tokens is None and reply.pieces:
             completion_tokens = len(reply.pieces)  # the model never reported usage: one delta ≈ one token
@@ -229,20 +260,35 @@ class GenerationRuntime:
         finish = services.ReplyFinish(
             outcome=outcome,
             content="".join(reply.pieces),
-            last_batch=services.LogBatch(reply.id, reply.flushed + 1, unlogged) if unlogged else None,
+            last_batches=services.log_batches(reply.id, reply.pieces, logged=reply.flushed),
             ttft_ms=round((reply.first_piece_at - reply.started_at) * 1000) if reply.first_piece_at else None,
             duration_ms=round((ended - reply.started_at) * 1000),
         )
-        for attempt in range(4):
-            try:
-                await run_db(services.reply_finish, finish)
-                break
-            except Exception:  # noqa: BLE001 - if every attempt fails, the reaper keeps the logged text
-                logger.exception("could not store the end of reply %s (attempt %s)", reply.id, attempt + 1)
-                await asyncio.sleep(0.25 * 2**attempt)
+        stored = await self._store_finish(finish)
+        if not stored:
+            # Deleted, or reaped while this process was stalled: the database's outcome wins, so a
+            # replay and this live stream end the same way.
+            outcome = await self._stored_outcome(reply)
         reply.terminal = outcome.terminal_event(len(reply.pieces) + 1)
         reply._notify()
         self.live.pop(reply.id, None)
+
+    @staticmethod
+    async def _store_finish(finish: services.ReplyFinish) -> bool:
+        for attempt in range(4):
+            try:
+                return await run_db(services.reply_finish, finish)
+            except Exception:  # noqa: BLE001 - if every attempt fails, the reaper keeps the logged text
+                logger.exception("could not store the end of reply %s (attempt %s)", finish.outcome.message_id, attempt + 1)
+                await asyncio.sleep(0.25 * 2**attempt)
+        return True  # keep our own outcome for the watchers; the row ends through the reaper
+
+    @staticmethod
+    async def _stored_outcome(reply: LiveReply) -> ReplyOutcome:
+        snapshot = await run_db(services.reply_snapshot, message_id=reply.id, after=1 << 62)
+        if snapshot is None or snapshot.outcome is None:
+            return ReplyOutcome(message_id=reply.id, status="cancelled", model=reply.model)
+        return snapshot.outcome
 
     # Housekeeping: one loop per process, whatever the number of replies ----------------------------
 
@@ -258,18 +304,31 @@ class GenerationRuntime:
                     last_flush = now
                     await self._flush()
                 if self.live:
-                    for message_id in await run_db(services.reply_ids_to_stop, list(self.live)):
+                    reasons = await run_db(services.replies_to_stop, list(self.live))
+                    for message_id, reason in reasons.items():
                         if reply := self.live.get(message_id):
-                            reply.request_stop("stopped")
+                            reply.request_stop(reason)
                 if now - last_renew >= lease / 3:
                     last_renew = now
-                    await run_db(services.reply_renew_leases, list(self.live))
+                    await self._renew_leases()
                 if now - last_reap >= lease / 2:
                     last_reap = now
                     if reaped := await run_db(services.reap_expired_replies):
                         logger.warning("marked %d replies interrupted (their process stopped): %s", len(reaped), reaped)
             except Exception:  # noqa: BLE001 - keep maintaining; the next tick retries
                 logger.exception("generation maintenance failed")
+
+    async def _renew_leases(self) -> None:
+        live = list(self.live.values())
+        if not live:
+            return
+        renewed_at = time.monotonic()
+        renewed = await run_db(services.reply_renew_leases, [reply.id for reply in live])
+        for reply in live:
+            if reply.id in renewed:
+                reply.lease_deadline = self._lease_deadline_from(renewed_at)
+            else:
+                reply.request_stop("gone")
 
     async def _flush(self) -> None:
         batches: list[services.LogBatch] = []
@@ -278,9 +337,7 @@ class GenerationRuntime:
             end = len(reply.pieces)
             if reply.finishing or reply.flushed >= end:
                 continue
-            for first in range(reply.flushed, end, services.MAX_PIECES_PER_CHUNK):
-                last = min(end, first + services.MAX_PIECES_PER_CHUNK)
-                batches.append(services.LogBatch(reply.id, first + 1, reply.pieces[first:last]))
+            batches += services.log_batches(reply.id, reply.pieces[:end], logged=reply.flushed)
             flushed_up_to.append((reply, end))
         if not batches:
             return
@@ -290,7 +347,7 @@ class GenerationRuntime:
             for reply, end in flushed_up_to:
                 reply.flushed = end
                 if reply.id in gone:
-                    reply.request_stop("deleted")
+                    reply.request_stop("gone")
 
         task = asyncio.create_task(write())
         for reply, _ in flushed_up_to:
@@ -375,6 +432,9 @@ class GenerationRuntime:
             await run_db(services.reply_request_stop, message_id=message_id)
             deadline = time.monotonic() + wait_seconds
             while time.monotonic() < deadline:
+                # An owner that died will not answer: once its lease has expired, end the reply
+                # here (the reaper stores a stopped reply as cancelled, with its logged text).
+                await run_db(services.reap_expired_replies, only=message_id)
                 snapshot = await run_db(services.reply_snapshot, message_id=message_id, after=1 << 62)
                 if snapshot is None or snapshot.outcome is not None:
                     break
