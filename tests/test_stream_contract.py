@@ -301,14 +301,17 @@ def read_events(response, count: int) -> list[dict]:
     from tests.sse_client import SSEParser
 
     if response not in _readers:
-        _readers[response] = (response.iter_raw(), SSEParser())
-    chunks, parser = _readers[response]
-    seen = len(parser.events)
-    for chunk in chunks:
-        parser.feed(chunk)
-        if len(parser.events) - seen >= count:
+        _readers[response] = {"chunks": response.iter_raw(), "parser": SSEParser(), "returned": 0}
+    reader = _readers[response]
+    parser, first = reader["parser"], reader["returned"]
+    while len(parser.events) - first < count:
+        chunk = next(reader["chunks"], None)
+        if chunk is None:
             break
-    return [dict(e.json, _id=int(e.id)) for e in parser.events[seen : seen + count]]
+        parser.feed(chunk)
+    events = parser.events[first : first + count]
+    reader["returned"] = first + len(events)
+    return [dict(e.json, _id=int(e.id)) for e in events]
 
 
 def test_a_client_that_disconnects_does_not_stop_the_reply(stream_service, model_server, user):
