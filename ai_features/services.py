@@ -195,6 +195,17 @@ def log_batches(message_id: int, pieces: list[str], *, logged: int) -> list[LogB
     ]
 
 
+def _lock_streaming(message_ids: list[int]) -> set[int]:
+    """Lock the rows of these replies that are still streaming (in id order, so two lockers never
+    deadlock) and return their ids. Call inside a transaction."""
+    return set(
+        Message.objects.select_for_update()
+        .filter(pk__in=message_ids, status=Message.Status.STREAMING)
+        .order_by("pk")
+        .values_list("pk", flat=True)
+    )
+
+
 def reply_log_append(batches: list[LogBatch]) -> set[int]:
     """Write batches of several replies in one transaction, only for replies still streaming.
     Returns the ids that are no longer streaming (reaped, deleted): their process must stop.
@@ -205,12 +216,7 @@ def reply_log_append(batches: list[LogBatch]) -> set[int]:
         return set()
     ids = sorted({batch.message_id for batch in batches})
     with transaction.atomic():
-        live = set(
-            Message.objects.select_for_update()
-            .filter(pk__in=ids, status=Message.Status.STREAMING)
-            .order_by("pk")
-            .values_list("pk", flat=True)
-        )
+        live = _lock_streaming(ids)
         ReplyChunk.objects.bulk_create(
             ReplyChunk(message_id=b.message_id, first_seq=b.first_seq, pieces=b.pieces)
             for b in batches
@@ -260,12 +266,7 @@ def reply_renew_leases(message_ids: list[int]) -> set[int]:
         return set()
     expires = timezone.now() + timedelta(seconds=settings.GENERATION_LEASE_SECONDS)
     with transaction.atomic():
-        renewed = set(
-            Message.objects.select_for_update()
-            .filter(pk__in=message_ids, status=Message.Status.STREAMING)
-            .order_by("pk")
-            .values_list("pk", flat=True)
-        )
+        renewed = _lock_streaming(message_ids)
         Message.objects.filter(pk__in=renewed).update(lease_expires_at=expires)
     return renewed
 

@@ -161,6 +161,20 @@ def assert_replay_matches(replay: Watcher, seen: list[tuple[int, str]], stored_c
     assert replay.terminal is not None and replay.terminal["_id"] == n + 1
 
 
+def assert_interrupted_with_logged_prefix(person, reply_id, watcher):
+    """A reply whose process died: stored `interrupted` with exactly the logged prefix of what the
+    watcher saw, and a replay of those pieces that ends with the `interrupted` error."""
+    stored = person.stored(watcher.start["conversation_id"], reply_id)
+    assert stored["status"] == "interrupted"
+    replay = person.replay(0, reply_id)
+    n = len(replay.pieces)
+    assert 1 <= n <= len(watcher.pieces)
+    assert stored["content"] == "".join(text for _, text in watcher.pieces[:n])
+    assert_replay_matches(replay, watcher.pieces, stored["content"])
+    assert replay.terminal["type"] == "error" and replay.terminal["code"] == "interrupted"
+    return replay
+
+
 # --- Two sidecar processes sharing one database ---------------------------------------------------------
 
 
@@ -328,12 +342,8 @@ class TestTwoSidecarProcesses:
             reaped_after = time.monotonic() - killed_at
             assert watcher.terminal is None, "a killed process cannot have sent a terminal event"
             assert stored["status"] == "interrupted"
-            replay = person.replay(0, reply_id)
+            replay = assert_interrupted_with_logged_prefix(person, reply_id, watcher)
             n = len(replay.pieces)
-            assert 1 <= n <= len(watcher.pieces)
-            assert stored["content"] == "".join(text for _, text in watcher.pieces[:n])
-            assert_replay_matches(replay, watcher.pieces, stored["content"])
-            assert replay.terminal["type"] == "error" and replay.terminal["code"] == "interrupted"
             assert f"[{reply_id}]" in stack.log("sidecar0"), "sidecar 0 did not log reaping the reply"
             print(f"\nkill -9 of sidecar 1: reaped by sidecar 0 {reaped_after:.2f} s later; "
                   f"{n} of the {len(watcher.pieces)} pieces seen were logged")
@@ -364,12 +374,8 @@ def test_kill_9_then_restart_marks_the_reply_interrupted_with_its_logged_text():
         print(f"\nkill -9 and restart: interrupted {time.monotonic() - killed_at:.2f} s after the kill")
         assert stored["status"] == "interrupted"
         assert stored["content"], "nothing of what was flushed was kept"
-        replay = person.replay(0, reply_id)
+        replay = assert_interrupted_with_logged_prefix(person, reply_id, watcher)
         n = len(replay.pieces)
-        assert 1 <= n <= len(watcher.pieces)
-        assert stored["content"] == "".join(text for _, text in watcher.pieces[:n])
-        assert_replay_matches(replay, watcher.pieces, stored["content"])
-        assert replay.terminal["type"] == "error" and replay.terminal["code"] == "interrupted"
         assert replay.terminal["content"] and "Traceback" not in replay.terminal["content"]
         # Resuming in the middle of an interrupted reply gives the rest and the same ending.
         tail = person.replay(0, reply_id, last_event_id=n // 2)
