@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from tests.fake_openai import PROFILES
 from tests.stack import PYTHON, ROOT, Stack, free_port, wait_healthy
@@ -222,6 +223,7 @@ class Bench:
             self.targets["B"] = Target("B", "127.0.0.1", relay_port, "/v1/chat/completions", "openai",
                                        [openai_body], openai_headers)
         self.pg_dbname = getattr(stack, "_pg_database", None)
+        self.pg_user = urlsplit(stack.env["DATABASE_URL"]).username or "postgres" if self.pg_dbname else None
         self.sqlite_path = None if self.pg_dbname else str(stack.workdir / "stack.sqlite3")
         self.monitor = Monitor()
         self.pids["monitor"] = self.monitor.pid
@@ -240,7 +242,8 @@ class Bench:
         for name, pid in self.pids.items():
             tree = [pid] if name == "client" else procstat.process_tree(pid, children)
             out[name] = sum(procstat.cpu_of(tree).values())
-        out["_pg"] = procstat.cpu_of(procstat.pids_with_cmdline(f"postgres: postgres {self.pg_dbname} ")) \
+        # Backend titles look like `postgres: [15/main: ]<user> <db> <client> <state>`.
+        out["_pg"] = procstat.cpu_of(procstat.pids_with_cmdline(f" {self.pg_user} {self.pg_dbname} ")) \
             if self.pg_dbname else {}
         busy, total = procstat.machine_cpu()
         out["_machine_busy"], out["_machine_total"] = busy, total
