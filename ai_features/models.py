@@ -83,10 +83,6 @@ class Message(models.Model):
         preview = (self.content[:60] + "…") if len(self.content) > 60 else self.content
         return f"{self.role} #{self.pk}: {preview}"
 
-    @property
-    def is_terminal(self) -> bool:
-        return self.status != self.Status.STREAMING
-
 
 class ReplyChunk(models.Model):
     """A batch of consecutive content pieces of one reply: the log that watchers replay.

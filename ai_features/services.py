@@ -39,9 +39,8 @@ def conversation_delete(*, user, conversation_id: int) -> bool:
     conversation = selectors.conversation_get(user=user, conversation_id=conversation_id)
     if conversation is None:
         return False
-    # A reply still generating is stopped by its process (it notices the stop request or the
-    # missing row), so nothing is written for it afterwards.
-    conversation.messages.filter(status=Message.Status.STREAMING).update(stop_requested=True)
+    # A reply still generating is stopped by its process at its next tick: the log write and the
+    # stop check both find the row gone, so nothing is written for it afterwards.
     conversation.delete()
     return True
 

@@ -12,7 +12,7 @@ from http import HTTPStatus
 
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
-from django.core.paginator import EmptyPage, Paginator
+from django.core.paginator import EmptyPage, PageNotAnInteger, Paginator
 from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.middleware.csrf import CsrfViewMiddleware, get_token
@@ -127,10 +127,10 @@ def conversation_list(request: HttpRequest) -> JsonResponse:
     paginator = Paginator(selectors.conversation_list(user=request.user), CONVERSATIONS_PER_PAGE)
     try:
         page = paginator.page(request.GET.get("page", 1))
-    except (EmptyPage, ValueError):
-        return error_response(HTTPStatus.NOT_FOUND, "No such page.")
-    except Exception:  # noqa: BLE001 - PageNotAnInteger
+    except PageNotAnInteger:
         return error_response(HTTPStatus.BAD_REQUEST, "`page` must be a positive integer.")
+    except EmptyPage:
+        return error_response(HTTPStatus.NOT_FOUND, "No such page.")
     next_url = f"{request.path}?page={page.next_page_number()}" if page.has_next() else None
     return JsonResponse({"results": [conversation_json(c) for c in page.object_list], "next": next_url})
 
