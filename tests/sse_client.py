@@ -7,7 +7,7 @@ fields split over network chunks, CRLF or LF line ends, comments, `id:` and mult
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 
@@ -79,8 +79,3 @@ def parse_all(chunks: Iterable[bytes]) -> SSEParser:
         parser.feed(chunk)
     return parser
 
-
-def iter_events(chunks: Iterable[bytes]) -> Iterator[SSEEvent]:
-    parser = SSEParser()
-    for chunk in chunks:
-        yield from parser.feed(chunk)

@@ -176,3 +176,15 @@ def test_admin_stop_action_requests_a_stop(admin_client, user, conversation_of):
 def test_healthz_answers_ok(client):
     answer = client.get("/healthz")
     assert answer.status_code == HTTPStatus.OK and answer.json()["status"] == "ok"
+
+
+def test_a_bad_page_number_is_400_and_a_page_past_the_end_is_404(browser):
+    assert browser.get("/api/ai/conversations/?page=abc").status_code == HTTPStatus.BAD_REQUEST
+    assert browser.get("/api/ai/conversations/?page=99").status_code == HTTPStatus.NOT_FOUND
+
+
+def test_deleting_a_conversation_with_a_reply_still_generating_leaves_nothing_behind(browser, user, conversation_of):
+    conversation = conversation_of(user)
+    Message.objects.create(conversation=conversation, user=user, role=Message.Role.ASSISTANT, status="streaming")
+    assert browser.delete(f"/api/ai/conversations/{conversation.pk}/", **csrf_headers(browser)).status_code == 204
+    assert not Message.objects.filter(conversation_id=conversation.pk).exists()

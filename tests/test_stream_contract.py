@@ -314,11 +314,16 @@ def read_events(response, count: int) -> list[dict]:
     return [dict(e.json, _id=int(e.id)) for e in events]
 
 
+def send_and_leave(client, message: str, *, events: int) -> list[dict]:
+    """Send a message, read the first `events` events, and go away (close the connection)."""
+    with client.open("POST", "/api/ai/chat/stream/", json={"message": message}) as response:
+        return read_events(response, events)
+
+
 def test_a_client_that_disconnects_does_not_stop_the_reply(stream_service, model_server, user):
     client = stream_service.client(user)
     chunks = [f"w{i} " for i in range(30)]
-    with client.open("POST", "/api/ai/chat/stream/", json={"message": scenario(chunks=chunks, delay_ms=20)}) as response:
-        seen = read_events(response, 4)
+    seen = send_and_leave(client, scenario(chunks=chunks, delay_ms=20), events=4)
     reply_id = seen[0]["assistant_message_id"]
 
     reply = wait_until(lambda: Message.objects.filter(pk=reply_id).exclude(status="streaming").first(), timeout=10)
@@ -330,8 +335,7 @@ def test_a_client_that_disconnects_does_not_stop_the_reply(stream_service, model
 def test_resume_after_a_disconnect_has_no_gap_and_no_duplicate(stream_service, model_server, user):
     client = stream_service.client(user)
     chunks = [f"p{i} " for i in range(40)]
-    with client.open("POST", "/api/ai/chat/stream/", json={"message": scenario(chunks=chunks, delay_ms=15)}) as response:
-        first_half = read_events(response, 6)
+    first_half = send_and_leave(client, scenario(chunks=chunks, delay_ms=15), events=6)
     reply_id = first_half[0]["assistant_message_id"]
     last_id = first_half[-1]["_id"]
 
@@ -449,3 +453,18 @@ def test_the_log_is_written_in_batches_not_per_token(stream_service, model_serve
     # One log row per flush tick while it streamed, plus the final one: O(duration), not O(tokens).
     assert log_rows <= seconds / 0.2 + 3
     assert log_rows < 30
+
+
+def test_deleting_the_conversation_stops_its_reply_and_the_upstream_request(stream_service, model_server, user):
+    from ai_features import services
+
+    client = stream_service.client(user)
+    with client.open("POST", "/api/ai/chat/stream/", json={"message": scenario(chunks=["x "] * 500, delay_ms=20)}) as response:
+        start = read_events(response, 3)[0]
+        upstream = model_server.wait_for_requests(1)[0]
+        assert services.conversation_delete(user=user, conversation_id=start["conversation_id"])
+        rest = read_events(response, 10_000)
+
+    assert rest and rest[-1]["type"] == "done"  # the watcher is ended, not left hanging
+    assert upstream.wait_closed(timeout=2) and upstream.outcome == "client_closed"
+    assert not Message.objects.filter(pk=start["assistant_message_id"]).exists()
