@@ -227,6 +227,9 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
+    # The HTTP clients log every request at INFO: one line per model call is noise, and a cost, at
+    # thousands of replies. Failures are logged by the provider.
+    "loggers": {name: {"level": "WARNING"} for name in ("httpx", "httpx2")},
 }
 
 # --- c3 chat: streaming -----------------------------------------------------------------------

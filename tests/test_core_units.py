@@ -11,7 +11,7 @@ import pytest
 
 from ai_features.streaming.events import ContentEvent, ReplyOutcome, StartEvent
 from ai_features.streaming.providers import DemoProvider
-from ai_features.streaming.sse import HEARTBEAT, SSE_HEADERS, encode_event, sse_bytes
+from ai_features.streaming.sse import HEARTBEAT, SSE_HEADERS, encode_event, encode_payload, sse_bytes
 from ai_features.streaming.validation import ApiError, parse_last_event_id, parse_reply_request
 from tests.sse_client import parse_all
 
@@ -23,6 +23,16 @@ def test_an_event_is_one_id_line_and_one_data_line():
     assert lines[1].startswith("data: ")
     assert lines[2:] == ["", ""]
     assert json.loads(lines[1][6:]) == {"type": "content", "content": "line one\nline two \u2028 \"quoted\" 🙂"}
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["plain", "line\nbreak\r\ttab", 'quote " and \\ backslash', "\x00\x1f\x7f controls", "\u2028\u2029 separators",
+     "日本語 🙂 </script> é"],
+)
+def test_the_fast_content_encoding_is_byte_for_byte_the_generic_one(text):
+    event = ContentEvent(3, text)
+    assert encode_event(event) == f"id: 3\ndata: {encode_payload(event)}\n\n".encode()
 
 
 def test_encoded_events_parse_back_even_when_split_byte_by_byte():
@@ -41,17 +51,18 @@ def test_sse_headers_forbid_buffering_and_caching():
     assert SSE_HEADERS["X-Accel-Buffering"] == "no"
 
 
-def test_none_from_a_watcher_becomes_a_heartbeat_comment():
+def test_an_empty_batch_becomes_a_heartbeat_comment_and_a_batch_one_write():
     async def watcher():
-        yield None
-        yield ContentEvent(1, "x")
+        yield []
+        yield [ContentEvent(1, "x"), ContentEvent(2, "y")]
 
     async def collect():
         return [chunk async for chunk in sse_bytes(watcher())]
 
     chunks = asyncio.run(collect())
     assert chunks[0] == b": ping\n\n"
-    assert chunks[1].startswith(b"id: 1\n")
+    assert chunks[1] == encode_event(ContentEvent(1, "x")) + encode_event(ContentEvent(2, "y"))
+    assert [e.json["content"] for e in parse_all([chunks[1]]).events] == ["x", "y"]
 
 
 @pytest.mark.parametrize(

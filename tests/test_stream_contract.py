@@ -280,6 +280,18 @@ def test_an_unreachable_model_server_is_an_error_event(stream_service, model_ser
     assert result.terminal["code"] == "upstream_disconnected"
 
 
+def test_a_model_gone_silent_midway_times_out_and_keeps_the_partial_text(stream_service, model_server, user, settings):
+    # The read timeout and a refused connection surface through the same SDK exception; they must
+    # still be told apart (upstream_timeout here, upstream_disconnected above).
+    settings.OPENAI_TIMEOUT_SECONDS = 0.5
+    result = stream_service.client(user).send(scenario(chunks=["one ", "two "], hang=True))
+
+    assert [p["type"] for p in result.payloads] == ["start", "content", "content", "error"]
+    assert result.terminal["code"] == "upstream_timeout"
+    reply = Message.objects.get(pk=result.payloads[0]["assistant_message_id"])
+    assert reply.status == Message.Status.ERROR and reply.content == "one two "
+
+
 def test_a_reply_over_the_token_limit_ends_with_a_typed_error_and_keeps_its_text(
     stream_service, model_server, user, settings
 ):

@@ -7,7 +7,6 @@ A provider turns the context into an async stream of `Delta`s and reports failur
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 from collections.abc import AsyncIterator, Sequence
@@ -16,6 +15,7 @@ from typing import Protocol
 
 import httpx2
 import openai
+import orjson
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,33 @@ class Provider(Protocol):
     async def aclose(self) -> None: ...
 
 
+async def _sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The payload of each `data:` line of a Server-Sent Events byte stream.
+
+    Lines are split on raw bytes, one C-level split per network read, instead of going through the
+    SDK's text decoder and line iterator (several generator hops per token). OpenAI-compatible
+    servers end lines with LF or CRLF; strip() drops the CR.
+    """
+    pending = b""
+    async for data in chunks:
+        lines = (pending + data if pending else data).split(b"\n")
+        pending = lines.pop()  # an incomplete line waits for the next read
+        for line in lines:
+            if line.startswith(b"data:"):
+                yield line[5:].strip()
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    while (cause := exc.__cause__ or exc.__context__) is not None:
+        exc = cause
+    return exc
+
+
+def _root_cause_is_timeout(exc: BaseException) -> bool:
+    # aiohttp's read and connect timeouts are TimeoutErrors; its connection errors are not.
+    return isinstance(_root_cause(exc), TimeoutError)
+
+
 def _status_error(status: int) -> ProviderError:
     if status in (401, 403):
         return ProviderError("upstream_auth", "The AI service rejected our credentials. Please tell the site operator.")
@@ -72,12 +99,15 @@ class OpenAIProvider:
             base_url=base_url,
             max_retries=0,
             timeout=openai.Timeout(timeout_seconds, connect=min(10.0, timeout_seconds)),
+            # The SDK's aiohttp transport (the `openai[aiohttp]` extra): aiohttp parses HTTP in C,
+            # where the default transport parses every chunk of every stream in pure Python (h11).
+            http_client=openai.DefaultAioHttpClient(),
         )
 
     async def stream(self, messages: Sequence[dict[str, str]]) -> AsyncIterator[Delta]:
         try:
             # The raw streamed response: the SDK still builds and sends the request and raises
-            # APIStatusError for an error status, but each chunk is read with json.loads instead of
+            # APIStatusError for an error status, but each chunk is read with orjson instead of
             # being constructed as a pydantic ChatCompletionChunk (~60-130 µs per token, the largest
             # per-token cost of the sidecar). Closing the response (also when this generator is
             # cancelled by Stop) closes the upstream connection, so the model stops generating.
@@ -88,13 +118,10 @@ class OpenAIProvider:
                 stream_options={"include_usage": True},
             ) as response:
                 finished = False
-                async for line in response.iter_lines():
-                    if not line.startswith("data:"):
-                        continue  # blank separators, comments, `event:` lines
-                    data = line[5:].strip()
-                    if data == "[DONE]":
+                async for payload in _sse_data(response.iter_bytes()):
+                    if payload == b"[DONE]":
                         break
-                    chunk = json.loads(data)
+                    chunk = orjson.loads(payload)
                     if not isinstance(chunk, dict):
                         continue
                     if chunk.get("error"):  # an error reported inside the stream (OpenAI does this)
@@ -121,7 +148,11 @@ class OpenAIProvider:
         except openai.APIStatusError as exc:
             logger.warning("model server answered %s: %s", exc.status_code, exc.message)
             raise _status_error(exc.status_code) from None
-        except (openai.APITimeoutError, httpx2.TimeoutException):
+        except (openai.APITimeoutError, httpx2.TimeoutException) as exc:
+            if not _root_cause_is_timeout(exc):
+                # The aiohttp transport reports a refused or reset connection as ConnectTimeout.
+                logger.warning("model server connection failed: %r", _root_cause(exc))
+                raise ProviderError("upstream_disconnected", "The connection to the AI service was lost.") from None
             raise ProviderError("upstream_timeout", "The AI service took too long to answer.") from None
         except Exception as exc:  # noqa: BLE001 - CancelledError (Stop) is a BaseException and passes
             # A connection refused, reset or dropped midway, or a malformed chunk.

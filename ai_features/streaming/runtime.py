@@ -85,6 +85,7 @@ class LiveReply:
     finishing: bool = False
     write_in_flight: asyncio.Task | None = None
     started_at: float = field(default_factory=time.monotonic)
+    last_event_at: float = field(default_factory=time.monotonic)  # for heartbeats
     first_piece_at: float | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
@@ -103,7 +104,9 @@ class LiveReply:
         self._notify()
 
     def _notify(self) -> None:
-        # Wake every watcher at once; each one then reads what it has not seen yet.
+        # Wake every watcher at once; each one then reads what it has not seen yet. A wake with
+        # nothing new is a heartbeat (see GenerationRuntime._beat).
+        self.last_event_at = time.monotonic()
         self.changed.set()
         self.changed = asyncio.Event()
 
@@ -299,6 +302,7 @@ class GenerationRuntime:
         while True:
             await asyncio.sleep(poll)
             now = time.monotonic()
+            self._beat(now)
             try:
                 if now - last_flush >= settings.GENERATION_FLUSH_SECONDS:
                     last_flush = now
@@ -317,6 +321,14 @@ class GenerationRuntime:
                         logger.warning("marked %d replies interrupted (their process stopped): %s", len(reaped), reaped)
             except Exception:  # noqa: BLE001 - keep maintaining; the next tick retries
                 logger.exception("generation maintenance failed")
+
+    def _beat(self, now: float) -> None:
+        """Wake the watchers of replies silent for a heartbeat interval: one clock for all streams,
+        instead of a timer per watcher per token."""
+        interval = settings.STREAM_HEARTBEAT_SECONDS
+        for reply in self.live.values():
+            if now - reply.last_event_at >= interval:
+                reply._notify()
 
     async def _renew_leases(self) -> None:
         live = list(self.live.values())
@@ -361,39 +373,37 @@ class GenerationRuntime:
 
     # Watching ------------------------------------------------------------------------------------
 
-    async def watch(self, message_id: int, *, after: int, heartbeat_seconds: float) -> AsyncIterator[ReplyEvent | None]:
-        """Events with ids above `after` (-1: from the start), then follow the reply to its end.
-        Yields None when the reply has been silent for `heartbeat_seconds`."""
+    def watch(self, message_id: int, *, after: int) -> AsyncIterator[list[ReplyEvent]]:
+        """Batches of the events with ids above `after` (-1: from the start), following the reply to
+        its end. A batch holds every event available at that moment, so a watcher that falls behind
+        catches up in one write; an empty batch means the reply was silent for a heartbeat interval."""
         reply = self.live.get(message_id)
-        source = self._watch_live(reply, after, heartbeat_seconds) if reply else self._watch_log(
-            message_id, after, heartbeat_seconds
-        )
-        async with aclosing(source) as events:
-            async for event in events:
-                yield event
+        return self._watch_live(reply, after) if reply else self._watch_log(message_id, after)
 
     @staticmethod
-    async def _watch_live(reply: LiveReply, after: int, heartbeat_seconds: float) -> AsyncIterator[ReplyEvent | None]:
-        if after < 0:
-            yield reply.start
+    async def _watch_live(reply: LiveReply, after: int) -> AsyncIterator[list[ReplyEvent]]:
+        batch: list[ReplyEvent] = [reply.start] if after < 0 else []
         next_seq = max(after, 0) + 1
         while True:
             changed = reply.changed
-            while next_seq <= len(reply.pieces):
-                yield ContentEvent(next_seq, reply.pieces[next_seq - 1])
-                next_seq += 1
+            pieces = reply.pieces
+            if next_seq <= len(pieces):
+                batch += [ContentEvent(seq, pieces[seq - 1]) for seq in range(next_seq, len(pieces) + 1)]
+                next_seq = len(pieces) + 1
             if reply.terminal is not None:
                 if reply.terminal.id > after:
-                    yield reply.terminal
+                    batch.append(reply.terminal)
+                yield batch
                 return
-            try:
-                async with asyncio.timeout(heartbeat_seconds):
-                    await changed.wait()
-            except TimeoutError:
-                yield None
+            if batch:
+                yield batch
+                batch = []
+            await changed.wait()  # already set if more arrived while the batch was being sent
+            if next_seq > len(reply.pieces) and reply.terminal is None:
+                yield []  # woken with nothing new: a heartbeat
 
     @staticmethod
-    async def _watch_log(message_id: int, after: int, heartbeat_seconds: float) -> AsyncIterator[ReplyEvent | None]:
+    async def _watch_log(message_id: int, after: int) -> AsyncIterator[list[ReplyEvent]]:
         """Follow a reply generated by another process (or already finished) through the database."""
         next_seq = max(after, 0) + 1
         silent_since = time.monotonic()
@@ -402,21 +412,25 @@ class GenerationRuntime:
             snapshot = await run_db(services.reply_snapshot, message_id=message_id, after=next_seq - 1)
             if snapshot is None:
                 return  # deleted meanwhile
+            batch: list[ReplyEvent] = []
             if after < 0 and not started:
                 started = True
-                yield snapshot.start
+                batch.append(snapshot.start)
             for seq, text in snapshot.pieces:
-                yield ContentEvent(seq, text)
+                batch.append(ContentEvent(seq, text))
                 next_seq = seq + 1
-                silent_since = time.monotonic()
             if snapshot.outcome is not None:
                 terminal = snapshot.outcome.terminal_event(snapshot.piece_count + 1)
                 if terminal.id > after:
-                    yield terminal
+                    batch.append(terminal)
+                yield batch
                 return
-            if time.monotonic() - silent_since >= heartbeat_seconds:
+            if batch:
                 silent_since = time.monotonic()
-                yield None
+                yield batch
+            elif time.monotonic() - silent_since >= settings.STREAM_HEARTBEAT_SECONDS:
+                silent_since = time.monotonic()
+                yield []
             await asyncio.sleep(settings.GENERATION_POLL_SECONDS)
 
     # Stopping ------------------------------------------------------------------------------------

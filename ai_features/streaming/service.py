@@ -70,5 +70,4 @@ async def stop_reply(runtime: GenerationRuntime, *, user, message_id: int, conte
 
 
 def _sse(runtime: GenerationRuntime, message_id: int, *, after: int) -> AsyncIterator[bytes]:
-    events = runtime.watch(message_id, after=after, heartbeat_seconds=settings.STREAM_HEARTBEAT_SECONDS)
-    return sse_bytes(events)
+    return sse_bytes(runtime.watch(message_id, after=after))
