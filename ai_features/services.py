@@ -11,6 +11,7 @@ from http import HTTPStatus
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
+from django.db.models import Count, Q
 from django.utils import timezone
 
 from . import selectors
@@ -102,20 +103,22 @@ def _existing_reply(*, user, client_message_id: str) -> ReplyStart | None:
 
 
 def _check_rate_limits(user) -> None:
+    """Both limits in one indexed query (user, created_at): a reply that still holds a lease was
+    created within MAX_REPLY_SECONDS (plus its lease) of now, so one recent window covers both."""
     now = timezone.now()
-    live = Message.objects.filter(
-        user=user, role=Message.Role.ASSISTANT, status=Message.Status.STREAMING, lease_expires_at__gt=now
-    ).count()
-    if live >= settings.MAX_CONCURRENT_REPLIES_PER_USER:
+    minute_ago = now - timedelta(minutes=1)
+    window = max(60.0, settings.MAX_REPLY_SECONDS + settings.GENERATION_LEASE_SECONDS + 60.0)
+    counts = Message.objects.filter(user=user, created_at__gte=now - timedelta(seconds=window)).aggregate(
+        live=Count("pk", filter=Q(role=Message.Role.ASSISTANT, status=Message.Status.STREAMING, lease_expires_at__gt=now)),
+        recent=Count("pk", filter=Q(role=Message.Role.USER, created_at__gte=minute_ago)),
+    )
+    if counts["live"] >= settings.MAX_CONCURRENT_REPLIES_PER_USER:
         raise ApiError(
             HTTPStatus.TOO_MANY_REQUESTS,
-            f"You already have {live} replies generating. Wait for one to finish or stop it.",
+            f"You already have {counts['live']} replies generating. Wait for one to finish or stop it.",
             headers={"Retry-After": "5"},
         )
-    recent = Message.objects.filter(
-        user=user, role=Message.Role.USER, created_at__gte=now - timedelta(minutes=1)
-    ).count()
-    if recent >= settings.RATE_LIMIT_MESSAGES_PER_MINUTE:
+    if counts["recent"] >= settings.RATE_LIMIT_MESSAGES_PER_MINUTE:
         raise ApiError(
             HTTPStatus.TOO_MANY_REQUESTS,
             "You are sending messages too quickly. Please wait a minute.",
@@ -124,7 +127,8 @@ def _check_rate_limits(user) -> None:
 
 
 def _store_new_reply(*, user, request: ReplyRequest, model: str) -> ReplyStart:
-    if request.conversation_id is None:
+    is_new = request.conversation_id is None
+    if is_new:
         conversation = Conversation.objects.create(user=user, title=_title_from(request.message))
     else:
         conversation = (
@@ -151,7 +155,8 @@ def _store_new_reply(*, user, request: ReplyRequest, model: str) -> ReplyStart:
         reply_to=user_message,
         lease_expires_at=timezone.now() + timedelta(seconds=settings.GENERATION_LEASE_SECONDS),
     )
-    conversation.save(update_fields=["updated_at"])
+    if not is_new:
+        conversation.save(update_fields=["updated_at"])  # a new one was stamped when created
 
     context: list[dict[str, str]] = []
     if settings.SYSTEM_PROMPT:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 from django.contrib.sessions.backends.db import SessionStore as DBStore
+from django.utils import timezone
 
 
 def session_key_digest(session_key: str) -> str:
@@ -18,6 +19,21 @@ class SessionStore(DBStore):
         from ai_features.models import ChatSession
 
         return ChatSession
+
+    @classmethod
+    def from_key_digest(cls, digest: str) -> SessionStore | None:
+        """The live session a stream token names, loaded in one query (by digest, not by key)."""
+        row = (
+            cls.get_model_class()
+            .objects.filter(key_digest=digest, expire_date__gt=timezone.now())
+            .values_list("session_key", "session_data")
+            .first()
+        )
+        if row is None:
+            return None
+        store = cls(session_key=row[0])
+        store._session_cache = store.decode(row[1])  # what load() would have read, without reading it again
+        return store
 
     def create_model_instance(self, data):
         instance = super().create_model_instance(data)

@@ -14,7 +14,6 @@ from django.conf import settings
 from django.contrib.auth import get_user
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 
-from .models import ChatSession
 from .sessions import SessionStore, session_key_digest
 
 TOKEN_SALT = "c3.stream-token"
@@ -36,8 +35,13 @@ def user_from_session_key(session_key: str | None):
     """The active user of a live session, checked exactly as Django checks a request's session."""
     if not session_key:
         return None
-    store = SessionStore(session_key=session_key)
-    user = get_user(SimpleNamespace(session=store))
+    return _active_user(SessionStore(session_key=session_key))
+
+
+def _active_user(store: SessionStore | None):
+    if store is None:
+        return None
+    user = get_user(SimpleNamespace(session=store))  # Django's checks: backend, user, session hash
     return user if user.is_authenticated and user.is_active else None
 
 
@@ -50,10 +54,7 @@ def user_from_stream_token(token: str | None):
         return None
     if not isinstance(claims, dict) or not isinstance(claims.get("s"), str):
         return None
-    session_key = (
-        ChatSession.objects.filter(key_digest=claims["s"]).values_list("session_key", flat=True).first()
-    )
-    user = user_from_session_key(session_key)
+    user = _active_user(SessionStore.from_key_digest(claims["s"]))
     if user is None or user.pk != claims.get("u"):
         return None
     return user

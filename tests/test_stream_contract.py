@@ -242,6 +242,21 @@ def test_too_many_messages_a_minute_is_429(stream_service, model_server, user, s
     assert stored_counts() == counts
 
 
+def test_too_many_replies_generating_at_once_is_429(stream_service, model_server, user, settings):
+    settings.MAX_CONCURRENT_REPLIES_PER_USER = 1
+    client = stream_service.client(user)
+    first = send_and_leave(client, scenario(chunks=["slow "], hang=True), events=1)
+    counts = stored_counts()
+
+    result = client.send("a second one meanwhile")
+
+    assert result.status == HTTPStatus.TOO_MANY_REQUESTS
+    assert "1 replies generating" in result.json["error"]
+    assert stored_counts() == counts
+    assert client.stop(first[0]["assistant_message_id"]).json() == {"status": "cancelled"}
+    assert client.send("and now it may").status == HTTPStatus.OK
+
+
 # --- Failures of the model ---------------------------------------------------------------------------------
 
 
