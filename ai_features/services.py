@@ -11,7 +11,7 @@ from http import HTTPStatus
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Count, Q
+from django.db.models import Q
 from django.utils import timezone
 
 from . import selectors
@@ -103,15 +103,18 @@ def _existing_reply(*, user, client_message_id: str) -> ReplyStart | None:
 
 
 def _check_rate_limits(user) -> None:
-    """Both limits in one indexed query (user, created_at): a reply that still holds a lease was
-    created within MAX_REPLY_SECONDS (plus its lease) of now, so one recent window covers both."""
+    """Both limits from one read of the rows that count against them (the user's messages of the
+    last minute, their replies still generating), tallied by role: cheaper to build than two
+    counts or a conditional aggregate, and no more rows than the limits let through."""
     now = timezone.now()
-    minute_ago = now - timedelta(minutes=1)
-    window = max(60.0, settings.MAX_REPLY_SECONDS + settings.GENERATION_LEASE_SECONDS + 60.0)
-    counts = Message.objects.filter(user=user, created_at__gte=now - timedelta(seconds=window)).aggregate(
-        live=Count("pk", filter=Q(role=Message.Role.ASSISTANT, status=Message.Status.STREAMING, lease_expires_at__gt=now)),
-        recent=Count("pk", filter=Q(role=Message.Role.USER, created_at__gte=minute_ago)),
-    )
+    roles = Message.objects.filter(
+        Q(role=Message.Role.USER, created_at__gte=now - timedelta(minutes=1))
+        | Q(role=Message.Role.ASSISTANT, status=Message.Status.STREAMING, lease_expires_at__gt=now),
+        user=user,
+    ).values_list("role", flat=True)
+    counts = {"live": 0, "recent": 0}
+    for role in roles:
+        counts["recent" if role == Message.Role.USER else "live"] += 1
     if counts["live"] >= settings.MAX_CONCURRENT_REPLIES_PER_USER:
         raise ApiError(
             HTTPStatus.TOO_MANY_REQUESTS,
