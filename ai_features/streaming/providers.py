@@ -20,6 +20,8 @@ import orjson
 logger = logging.getLogger(__name__)
 
 DEMO_MODEL_NAME = "c3-demo-offline"
+# One upstream connection per reply being generated: the sidecar holds thousands of streams.
+MAX_UPSTREAM_CONNECTIONS = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +103,10 @@ class OpenAIProvider:
             timeout=openai.Timeout(timeout_seconds, connect=min(10.0, timeout_seconds)),
             # The SDK's aiohttp transport (the `openai[aiohttp]` extra): aiohttp parses HTTP in C,
             # where the default transport parses every chunk of every stream in pure Python (h11).
-            http_client=openai.DefaultAioHttpClient(),
+            # Its default pool (the SDK's 1,000 connections) would queue replies beyond that.
+            http_client=openai.DefaultAioHttpClient(
+                limits=httpx2.Limits(max_connections=MAX_UPSTREAM_CONNECTIONS, max_keepalive_connections=100)
+            ),
         )
 
     async def stream(self, messages: Sequence[dict[str, str]]) -> AsyncIterator[Delta]:
