@@ -135,3 +135,74 @@ def test_the_demo_model_streams_many_pieces_and_reports_usage():
     assert "offline demo model" in text and "hello" in text and "```python" in text
     assert len([d for d in deltas if d.text]) > 50
     assert deltas[-1].finished and deltas[-1].completion_tokens == len([d for d in deltas if d.text])
+
+
+# --- The provider's reading of the model's stream --------------------------------------------------
+
+
+def _data_lines(reads: list[bytes]) -> list[bytes]:
+    from ai_features.streaming.providers import _sse_data
+
+    async def chunks():
+        for read in reads:
+            yield read
+
+    async def collect():
+        return [payload async for payload in _sse_data(chunks())]
+
+    return asyncio.run(collect())
+
+
+@pytest.mark.parametrize(
+    "reads",
+    [
+        [b'data: {"a":1}\n\ndata: {"a":2}\n\ndata: [DONE]\n\n'],
+        [b'data: {"a":1}\r\n\r\ndata: {"a":2}\r', b'\n\r\ndata: [DONE]\r\n\r\n'],  # CRLF split between reads
+        [b'data: {"a":1}\r\rdata: {"a":2}\r\r', b"data: [DONE]\r\r"],  # bare CR, valid SSE
+        [b'data: {"a"', b":1}\n", b'\n: comment\nevent: x\ndata: {"a":2}\n\ndata: [DONE]'],  # no final break
+    ],
+)
+def test_data_lines_are_found_whatever_the_line_ends_and_read_boundaries(reads):
+    assert _data_lines(reads) == [b'{"a":1}', b'{"a":2}', b"[DONE]"]
+
+
+def test_a_chunk_with_invalid_utf8_is_read_with_replacement_characters():
+    from ai_features.streaming.providers import _parse_chunk
+
+    assert _parse_chunk(b'{"t": "caf\xc3"}') == {"t": "caf\ufffd"}  # half of "é"
+
+
+def test_a_model_server_that_never_accepts_the_connection_is_a_timeout_not_a_disconnect():
+    """The SDK's aiohttp transport reports refused connections and connect timeouts alike as
+    ConnectTimeout; the provider must still tell them apart. A listener whose accept queue is full
+    drops new SYNs, so the connection attempt really times out."""
+    import socket
+
+    from ai_features.streaming.providers import OpenAIProvider, ProviderError
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(4):  # fill the accept queue (never accepted)
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(("127.0.0.1", port))
+        fillers.append(filler)
+
+    async def attempt():
+        provider = OpenAIProvider(api_key="k", base_url=f"http://127.0.0.1:{port}/v1", model="m", timeout_seconds=0.5)
+        try:
+            async for _ in provider.stream([{"role": "user", "content": "hi"}]):
+                pass
+        finally:
+            await provider.aclose()
+
+    try:
+        with pytest.raises(ProviderError) as raised:
+            asyncio.run(attempt())
+    finally:
+        for sock in [*fillers, listener]:
+            sock.close()
+    assert raised.value.code == "upstream_timeout"

@@ -384,6 +384,8 @@ def test_a_finished_reply_replays_identically(stream_service, model_server, user
 
     assert [(e.id, e.data) for e in replay.events] == [(e.id, e.data) for e in live.events]
     assert client.resume(reply_id, last_event_id=2).payloads == live.payloads[3:]
+    caught_up = client.resume(reply_id, last_event_id=int(live.events[-1].id))
+    assert caught_up.status == HTTPStatus.OK and caught_up.raw == b""  # nothing left: no event, no ping
 
 
 def test_two_watchers_see_identical_events(stream_service, model_server, user):

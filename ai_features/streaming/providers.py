@@ -7,6 +7,7 @@ A provider turns the context into an async stream of `Delta`s and reports failur
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 from collections.abc import AsyncIterator, Sequence
@@ -48,31 +49,50 @@ class Provider(Protocol):
     async def aclose(self) -> None: ...
 
 
+_LINE_BREAK = re.compile(rb"\r\n|\r|\n")
+
+
 async def _sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     """The payload of each `data:` line of a Server-Sent Events byte stream.
 
     Lines are split on raw bytes, one C-level split per network read, instead of going through the
-    SDK's text decoder and line iterator (several generator hops per token). OpenAI-compatible
-    servers end lines with LF or CRLF; strip() drops the CR.
+    SDK's text decoder and line iterator (several generator hops per token). Any SSE line end is
+    accepted (LF, CRLF, CR); only LF takes the fastest path. A CR at the end of one read and an LF at
+    the start of the next make an extra empty line, which SSE ignores.
     """
     pending = b""
     async for data in chunks:
-        lines = (pending + data if pending else data).split(b"\n")
+        text = pending + data if pending else data
+        lines = _LINE_BREAK.split(text) if b"\r" in text else text.split(b"\n")
         pending = lines.pop()  # an incomplete line waits for the next read
         for line in lines:
             if line.startswith(b"data:"):
                 yield line[5:].strip()
+    if pending.startswith(b"data:"):  # the stream ended without a final line break
+        yield pending[5:].strip()
 
 
-def _root_cause(exc: BaseException) -> BaseException:
-    while (cause := exc.__cause__ or exc.__context__) is not None:
-        exc = cause
-    return exc
+def _parse_chunk(payload: bytes):
+    try:
+        return orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        # orjson refuses invalid UTF-8, which some servers emit when they split a character
+        # between chunks; decode it as the SDK would (replacement characters) rather than fail.
+        return json.loads(payload.decode("utf-8", "replace"))
 
 
-def _root_cause_is_timeout(exc: BaseException) -> bool:
-    # aiohttp's read and connect timeouts are TimeoutErrors; its connection errors are not.
-    return isinstance(_root_cause(exc), TimeoutError)
+def _timed_out(exc: BaseException) -> bool:
+    """Whether a failure of the SDK's aiohttp transport was a timeout (connect, pool or read).
+
+    That transport reports a refused or reset connection as ConnectTimeout too, so the chain of
+    causes decides: aiohttp's timeouts are TimeoutErrors somewhere in it, connection errors are
+    OSErrors with no timeout in the chain."""
+    link = exc.__cause__ or exc.__context__
+    while link is not None:
+        if isinstance(link, TimeoutError):
+            return True
+        link = link.__cause__ or link.__context__
+    return False
 
 
 def _status_error(status: int) -> ProviderError:
@@ -105,7 +125,7 @@ class OpenAIProvider:
             # where the default transport parses every chunk of every stream in pure Python (h11).
             # Its default pool (the SDK's 1,000 connections) would queue replies beyond that.
             http_client=openai.DefaultAioHttpClient(
-                limits=httpx2.Limits(max_connections=MAX_UPSTREAM_CONNECTIONS, max_keepalive_connections=100)
+                limits=httpx2.Limits(max_connections=MAX_UPSTREAM_CONNECTIONS)
             ),
         )
 
@@ -126,7 +146,7 @@ class OpenAIProvider:
                 async for payload in _sse_data(response.iter_bytes()):
                     if payload == b"[DONE]":
                         break
-                    chunk = orjson.loads(payload)
+                    chunk = _parse_chunk(payload)
                     if not isinstance(chunk, dict):
                         continue
                     if chunk.get("error"):  # an error reported inside the stream (OpenAI does this)
@@ -154,9 +174,8 @@ class OpenAIProvider:
             logger.warning("model server answered %s: %s", exc.status_code, exc.message)
             raise _status_error(exc.status_code) from None
         except (openai.APITimeoutError, httpx2.TimeoutException) as exc:
-            if not _root_cause_is_timeout(exc):
-                # The aiohttp transport reports a refused or reset connection as ConnectTimeout.
-                logger.warning("model server connection failed: %r", _root_cause(exc))
+            if not _timed_out(exc):
+                logger.warning("model server connection failed: %r", exc.__cause__)
                 raise ProviderError("upstream_disconnected", "The connection to the AI service was lost.") from None
             raise ProviderError("upstream_timeout", "The AI service took too long to answer.") from None
         except Exception as exc:  # noqa: BLE001 - CancelledError (Stop) is a BaseException and passes

@@ -105,7 +105,7 @@ class LiveReply:
 
     def _notify(self) -> None:
         # Wake every watcher at once; each one then reads what it has not seen yet. A wake with
-        # nothing new is a heartbeat (see GenerationRuntime._beat).
+        # nothing new is a heartbeat (see GenerationRuntime._beat_forever).
         self.last_event_at = time.monotonic()
         self.changed.set()
         self.changed = asyncio.Event()
@@ -128,6 +128,7 @@ class GenerationRuntime:
         self.accepting = True
         self._providers: dict[tuple, Provider] = {}
         self._maintenance: asyncio.Task | None = None
+        self._heartbeats: asyncio.Task | None = None
         self._shutdown: asyncio.Task | None = None
 
     # Life cycle ----------------------------------------------------------------------------------
@@ -139,6 +140,7 @@ class GenerationRuntime:
         except Exception:  # noqa: BLE001 - a database hiccup at boot must not stop the service
             logger.exception("could not reap expired replies at start")
         self._maintenance = asyncio.create_task(self._maintain(), name="c3-generation-maintenance")
+        self._heartbeats = asyncio.create_task(self._beat_forever(), name="c3-heartbeats")
 
     def begin_shutdown(self, grace_seconds: float) -> asyncio.Task:
         """Refuse new replies now; let running ones finish within the grace period, then store the
@@ -160,9 +162,10 @@ class GenerationRuntime:
             reply.request_stop("shutdown")
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        if self._maintenance:
-            self._maintenance.cancel()
-            await asyncio.gather(self._maintenance, return_exceptions=True)
+        for task in (self._maintenance, self._heartbeats):
+            if task:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         for provider in self._providers.values():
             await provider.aclose()
         self._providers.clear()
@@ -302,7 +305,6 @@ class GenerationRuntime:
         while True:
             await asyncio.sleep(poll)
             now = time.monotonic()
-            self._beat(now)
             try:
                 if now - last_flush >= settings.GENERATION_FLUSH_SECONDS:
                     last_flush = now
@@ -322,13 +324,17 @@ class GenerationRuntime:
             except Exception:  # noqa: BLE001 - keep maintaining; the next tick retries
                 logger.exception("generation maintenance failed")
 
-    def _beat(self, now: float) -> None:
-        """Wake the watchers of replies silent for a heartbeat interval: one clock for all streams,
-        instead of a timer per watcher per token."""
-        interval = settings.STREAM_HEARTBEAT_SECONDS
-        for reply in self.live.values():
-            if now - reply.last_event_at >= interval:
-                reply._notify()
+    async def _beat_forever(self) -> None:
+        """Wake the watchers of replies silent for a heartbeat interval: one clock for all streams
+        instead of a timer per watcher per token. Its own task, so that heartbeats keep going
+        while the maintenance loop waits on a slow database."""
+        while True:
+            await asyncio.sleep(settings.GENERATION_POLL_SECONDS)
+            now = time.monotonic()
+            interval = settings.STREAM_HEARTBEAT_SECONDS
+            for reply in self.live.values():
+                if now - reply.last_event_at >= interval:
+                    reply._notify()
 
     async def _renew_leases(self) -> None:
         live = list(self.live.values())
@@ -393,7 +399,8 @@ class GenerationRuntime:
             if reply.terminal is not None:
                 if reply.terminal.id > after:
                     batch.append(reply.terminal)
-                yield batch
+                if batch:
+                    yield batch
                 return
             if batch:
                 yield batch
@@ -423,7 +430,8 @@ class GenerationRuntime:
                 terminal = snapshot.outcome.terminal_event(snapshot.piece_count + 1)
                 if terminal.id > after:
                     batch.append(terminal)
-                yield batch
+                if batch:
+                    yield batch
                 return
             if batch:
                 silent_since = time.monotonic()
