@@ -140,7 +140,7 @@ def _store_new_reply(*, user, request: ReplyRequest, model: str) -> ReplyStart:
         if conversation is None:
             raise ApiError(HTTPStatus.NOT_FOUND, "Conversation not found.")
 
-    history = _history(conversation) if request.include_history else []
+    history = _history(conversation) if request.include_history and not is_new else []
     user_message = Message.objects.create(
         conversation=conversation,
         user=user,
