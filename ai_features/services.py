@@ -112,16 +112,16 @@ def _check_rate_limits(user) -> None:
         | Q(role=Message.Role.ASSISTANT, status=Message.Status.STREAMING, lease_expires_at__gt=now),
         user=user,
     ).values_list("role", flat=True)
-    counts = {"live": 0, "recent": 0}
-    for role in roles:
-        counts["recent" if role == Message.Role.USER else "live"] += 1
-    if counts["live"] >= settings.MAX_CONCURRENT_REPLIES_PER_USER:
+    roles = list(roles)
+    recent = roles.count(Message.Role.USER)
+    live = len(roles) - recent
+    if live >= settings.MAX_CONCURRENT_REPLIES_PER_USER:
         raise ApiError(
             HTTPStatus.TOO_MANY_REQUESTS,
-            f"You already have {counts['live']} replies generating. Wait for one to finish or stop it.",
+            f"You already have {live} replies generating. Wait for one to finish or stop it.",
             headers={"Retry-After": "5"},
         )
-    if counts["recent"] >= settings.RATE_LIMIT_MESSAGES_PER_MINUTE:
+    if recent >= settings.RATE_LIMIT_MESSAGES_PER_MINUTE:
         raise ApiError(
             HTTPStatus.TOO_MANY_REQUESTS,
             "You are sending messages too quickly. Please wait a minute.",
