@@ -86,13 +86,17 @@ async def api_error(request: Request, exc: ApiError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
-async def current_user(request: Request) -> Any:
-    if request.method == "POST":
-        service.check_origin(request.headers.get("origin"), settings.CORS_ALLOWED_ORIGINS)
-    return await service.authenticate(
+def credentials_of(request: Request) -> service.Credentials:
+    return service.Credentials(
         authorization=request.headers.get("authorization"),
         session_key=request.cookies.get(settings.SESSION_COOKIE_NAME),
     )
+
+
+async def current_user(request: Request) -> Any:
+    if request.method == "POST":
+        service.check_origin(request.headers.get("origin"), settings.CORS_ALLOWED_ORIGINS)
+    return await service.authenticate(credentials_of(request))
 
 
 CurrentUser = Annotated[Any, Depends(current_user)]
@@ -118,10 +122,23 @@ def sse_response(body: AsyncIterator[bytes]) -> StreamingResponse:
 
 
 @router.post("/api/ai/chat/stream/")
-async def chat_stream(request: Request, user: CurrentUser) -> StreamingResponse:
-    body = await read_body(request)
-    content_type = request.headers.get("content-type")
-    return sse_response(await service.start_reply_stream(runtime_of(request), user=user, body=body, content_type=content_type))
+async def chat_stream(request: Request) -> StreamingResponse:
+    # No CurrentUser here: the credentials are checked in the same unit of database work that
+    # stores the reply. The origin check needs no database and still comes first.
+    service.check_origin(request.headers.get("origin"), settings.CORS_ALLOWED_ORIGINS)
+    try:
+        body, body_error = await read_body(request), None
+    except ApiError as exc:  # 413, reported once the caller is known, as before
+        body, body_error = b"", exc
+    return sse_response(
+        await service.start_reply_stream(
+            runtime_of(request),
+            caller=credentials_of(request),
+            body=body,
+            body_error=body_error,
+            content_type=request.headers.get("content-type"),
+        )
+    )
 
 
 @router.get("/api/ai/chat/stream/{message_id}/")

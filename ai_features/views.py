@@ -226,7 +226,7 @@ def sse_response(body) -> StreamingHttpResponse:
 def chat_stream(request: HttpRequest, user) -> HttpResponse:
     runtime = background_runtime()
     body = runtime.call(
-        service.start_reply_stream(runtime.runtime, user=user, body=request.body, content_type=request.content_type)
+        service.start_reply_stream(runtime.runtime, caller=user, body=request.body, content_type=request.content_type)
     )
     return sse_response(body)
 

@@ -208,6 +208,23 @@ def test_anonymous_and_bad_tokens_are_401(stream_service, model_server, user):
     assert stored_counts()[1] == 0
 
 
+def test_an_anonymous_caller_is_401_whatever_is_wrong_with_the_body(stream_service, model_server, user, settings):
+    # The sidecar checks the caller in the same unit of database work that stores the reply; the
+    # body's own errors must still not be reported to someone who is not logged in.
+    settings.MAX_REQUEST_BYTES = 1000
+    anonymous = stream_service.client(None)
+    for body, content_type in [
+        (json.dumps({"message": "y" * 5000}).encode(), "application/json"),  # else 413
+        (b'{"message": "hi"}', "text/plain"),  # else 415
+        (b"{not json", "application/json"),  # else 400
+    ]:
+        result = anonymous.collect("POST", "/api/ai/chat/stream/", content=body, headers={"Content-Type": content_type})
+        assert result.status == HTTPStatus.UNAUTHORIZED, content_type
+        assert "error" in result.json
+    assert stored_counts() == (0, 0)
+    assert model_server.requests == []
+
+
 def test_a_foreign_origin_is_403_and_changes_nothing(stream_service, model_server, user):
     for auth in ("cookie", "token"):
         client = stream_service.client(user, auth=auth)

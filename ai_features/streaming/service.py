@@ -8,7 +8,9 @@ background loop (see `background.py`). Neither adapter holds any streaming logic
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from http import HTTPStatus
+from typing import Any
 
 from django.conf import settings
 
@@ -25,28 +27,59 @@ def check_origin(origin: str | None, allowed: list[str]) -> None:
         raise ApiError(HTTPStatus.FORBIDDEN, "This origin is not allowed to use the stream service.")
 
 
-async def authenticate(*, authorization: str | None, session_key: str | None):
-    user = await run_db(stream_auth.authenticate_stream_caller, authorization=authorization, session_key=session_key)
-    if user is None:
-        raise ApiError(
-            HTTPStatus.UNAUTHORIZED,
-            "You are not logged in, or your stream token expired.",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-    return user
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """What a sidecar request presents: a bearer stream token, or else the session cookie."""
+
+    authorization: str | None
+    session_key: str | None
+
+    def user(self):
+        """The caller, or ApiError 401. Runs on a database thread."""
+        user = stream_auth.authenticate_stream_caller(authorization=self.authorization, session_key=self.session_key)
+        if user is None:
+            raise ApiError(
+                HTTPStatus.UNAUTHORIZED,
+                "You are not logged in, or your stream token expired.",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        return user
+
+
+async def authenticate(credentials: Credentials):
+    return await run_db(credentials.user)
 
 
 async def start_reply_stream(
-    runtime: GenerationRuntime, *, user, body: bytes, content_type: str | None
+    runtime: GenerationRuntime,
+    *,
+    caller: Credentials | Any,
+    body: bytes,
+    content_type: str | None,
+    body_error: ApiError | None = None,
 ) -> AsyncIterator[bytes]:
-    request = parse_reply_request(
-        body, content_type, max_chars=settings.MAX_MESSAGE_CHARS, max_bytes=settings.MAX_REQUEST_BYTES
-    )
-    if not runtime.accepting:
-        raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, "The stream service is restarting. Please try again.",
-                       headers={"Retry-After": "2"})
+    """Store a new reply, start generating it, and return its first watcher.
+
+    `caller` is a user Django already authenticated, or the sidecar's `Credentials`: then checking
+    them happens in the same unit of database work as storing the reply, one trip through the
+    database threads instead of two (under load each trip waits in their queue). The errors keep
+    their order either way: 401, the body's own (`body_error`: 413; then 415, 400), 503, 404/429.
+    """
     provider = runtime.provider()
-    started = await run_db(services.reply_start, user=user, request=request, model=provider.model)
+
+    def authenticate_and_store() -> services.ReplyStart:
+        user = caller.user() if isinstance(caller, Credentials) else caller
+        if body_error is not None:
+            raise body_error
+        request = parse_reply_request(
+            body, content_type, max_chars=settings.MAX_MESSAGE_CHARS, max_bytes=settings.MAX_REQUEST_BYTES
+        )
+        if not runtime.accepting:
+            raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, "The stream service is restarting. Please try again.",
+                           headers={"Retry-After": "2"})
+        return services.reply_start(user=user, request=request, model=provider.model)
+
+    started = await run_db(authenticate_and_store)
     if not started.existing:
         runtime.launch(started.start, started.context, provider)
     # The first response is just the first watcher: one code path serves it and every resume.
