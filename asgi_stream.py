@@ -25,6 +25,7 @@ from django.db import connection  # noqa: E402
 from fastapi import APIRouter, Depends, FastAPI, Request  # noqa: E402
 from fastapi.middleware.cors import CORSMiddleware  # noqa: E402
 from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
+from starlette.requests import ClientDisconnect  # noqa: E402
 
 from ai_features.streaming import service  # noqa: E402
 from ai_features.streaming.runtime import GenerationRuntime, run_db  # noqa: E402
@@ -110,10 +111,15 @@ async def read_body(request: Request) -> bytes:
     if declared and declared.isdigit() and int(declared) > limit:
         raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"The request body is larger than {limit} bytes.")
     body = bytearray()
-    async for part in request.stream():
-        body += part
-        if len(body) > limit:
-            raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"The request body is larger than {limit} bytes.")
+    try:
+        async for part in request.stream():
+            body += part
+            if len(body) > limit:
+                raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"The request body is larger than {limit} bytes.")
+    except ClientDisconnect:
+        # The client left before sending its whole body: nobody will read the answer, but it must
+        # not become a 500 and a traceback in the log.
+        raise ApiError(HTTPStatus.BAD_REQUEST, "The request body was not received completely.") from None
     return bytes(body)
 
 
@@ -126,6 +132,8 @@ async def chat_stream(request: Request) -> StreamingResponse:
     # No CurrentUser here: the credentials are checked in the same unit of database work that
     # stores the reply. The origin check needs no database and still comes first.
     service.check_origin(request.headers.get("origin"), settings.CORS_ALLOWED_ORIGINS)
+    credentials = credentials_of(request)
+    credentials.require_any()  # an anonymous body is never read
     try:
         body, body_error = await read_body(request), None
     except ApiError as exc:  # 413, reported once the caller is known, as before
@@ -133,7 +141,7 @@ async def chat_stream(request: Request) -> StreamingResponse:
     return sse_response(
         await service.start_reply_stream(
             runtime_of(request),
-            caller=credentials_of(request),
+            caller=credentials,
             body=body,
             body_error=body_error,
             content_type=request.headers.get("content-type"),

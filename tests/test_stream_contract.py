@@ -5,6 +5,8 @@ OpenAI-compatible server, reached through the real openai SDK."""
 from __future__ import annotations
 
 import json
+import logging
+import socket
 import time
 import weakref
 from http import HTTPStatus
@@ -12,7 +14,7 @@ from http import HTTPStatus
 import pytest
 
 from ai_features.models import Conversation, Message, ReplyChunk
-from tests.conftest import wait_until
+from tests.conftest import StreamService, wait_until
 from tests.fake_openai import scenario
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -223,6 +225,33 @@ def test_an_anonymous_caller_is_401_whatever_is_wrong_with_the_body(stream_servi
         assert "error" in result.json
     assert stored_counts() == (0, 0)
     assert model_server.requests == []
+
+
+def test_the_sidecar_refuses_a_foreign_origin_before_it_asks_who_is_calling(sidecar, model_server):
+    anonymous = StreamService("sidecar", sidecar.url).client(None)
+    result = anonymous.collect("POST", "/api/ai/chat/stream/", json={"message": "hi"},
+                               headers={"Origin": "https://evil.example"})
+    assert result.status == HTTPStatus.FORBIDDEN
+    assert stored_counts() == (0, 0)
+
+
+def test_a_client_that_leaves_in_the_middle_of_its_body_is_not_a_server_error(sidecar, model_server, user, caplog):
+    # uvicorn's own logger does not propagate to the root logger that caplog listens on.
+    server_log = logging.getLogger("uvicorn.error")
+    server_log.addHandler(caplog.handler)
+    try:
+        with socket.create_connection(("127.0.0.1", sidecar.port)) as sock:
+            sock.sendall(
+                b"POST /api/ai/chat/stream/ HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer not-a-token\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n" + b'{"message": "half'
+            )
+            time.sleep(0.2)  # the sidecar is now reading the body
+        time.sleep(0.3)
+        assert StreamService("sidecar", sidecar.url).client(user).send("still here").status == HTTPStatus.OK
+    finally:
+        server_log.removeHandler(caplog.handler)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert stored_counts() == (1, 2)  # only "still here" and its reply
 
 
 def test_a_foreign_origin_is_403_and_changes_nothing(stream_service, model_server, user):

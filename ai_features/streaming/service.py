@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any
 
 from django.conf import settings
+from django.contrib.auth.base_user import AbstractBaseUser
 
 from .. import selectors, services, stream_auth
 from .runtime import GenerationRuntime, run_db
@@ -27,6 +27,14 @@ def check_origin(origin: str | None, allowed: list[str]) -> None:
         raise ApiError(HTTPStatus.FORBIDDEN, "This origin is not allowed to use the stream service.")
 
 
+def _unauthorized() -> ApiError:
+    return ApiError(
+        HTTPStatus.UNAUTHORIZED,
+        "You are not logged in, or your stream token expired.",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Credentials:
     """What a sidecar request presents: a bearer stream token, or else the session cookie."""
@@ -34,15 +42,16 @@ class Credentials:
     authorization: str | None
     session_key: str | None
 
+    def require_any(self) -> None:
+        """401 at once, with no database work, for a request that presents no credentials at all."""
+        if not self.authorization and not self.session_key:
+            raise _unauthorized()
+
     def user(self):
         """The caller, or ApiError 401. Runs on a database thread."""
         user = stream_auth.authenticate_stream_caller(authorization=self.authorization, session_key=self.session_key)
         if user is None:
-            raise ApiError(
-                HTTPStatus.UNAUTHORIZED,
-                "You are not logged in, or your stream token expired.",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+            raise _unauthorized()
         return user
 
 
@@ -53,7 +62,7 @@ async def authenticate(credentials: Credentials):
 async def start_reply_stream(
     runtime: GenerationRuntime,
     *,
-    caller: Credentials | Any,
+    caller: Credentials | AbstractBaseUser,
     body: bytes,
     content_type: str | None,
     body_error: ApiError | None = None,
@@ -65,7 +74,8 @@ async def start_reply_stream(
     database threads instead of two (under load each trip waits in their queue). The errors keep
     their order either way: 401, the body's own (`body_error`: 413; then 415, 400), 503, 404/429.
     """
-    provider = runtime.provider()
+    # No provider (and no new client) once the runtime has begun shutting down: that is a 503.
+    provider = runtime.provider() if runtime.accepting else None
 
     def authenticate_and_store() -> services.ReplyStart:
         user = caller.user() if isinstance(caller, Credentials) else caller
@@ -74,7 +84,7 @@ async def start_reply_stream(
         request = parse_reply_request(
             body, content_type, max_chars=settings.MAX_MESSAGE_CHARS, max_bytes=settings.MAX_REQUEST_BYTES
         )
-        if not runtime.accepting:
+        if provider is None or not runtime.accepting:
             raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, "The stream service is restarting. Please try again.",
                            headers={"Retry-After": "2"})
         return services.reply_start(user=user, request=request, model=provider.model)
