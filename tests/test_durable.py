@@ -10,6 +10,7 @@ SSE on the wire and the history API. The in-process tests (bounded writes, long 
 
 from __future__ import annotations
 
+import asyncio
 import re
 import signal
 import threading
@@ -21,8 +22,11 @@ import httpx
 import pytest
 from django.db.backends.signals import connection_created
 
+from ai_features import services
 from ai_features.models import Message, ReplyChunk
 from ai_features.services import MAX_PIECES_PER_CHUNK
+from ai_features.streaming.runtime import GenerationRuntime, LiveReply, run_db
+from ai_features.streaming.validation import parse_reply_request
 from tests.conftest import StreamService, wait_until
 from tests.fake_openai import scenario
 from tests.sse_client import SSEParser
@@ -495,6 +499,58 @@ class WriteCounter:
     @property
     def writes(self) -> int:
         return sum(self.counts.values())
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_reply_launched_while_the_shutdown_stops_replies_has_ended_when_it_returns(user, settings):
+    # A request that passed the `accepting` check just before SIGTERM launches its reply after the
+    # shutdown has taken its list of running replies: it must still end (as interrupted, text kept)
+    # before the process goes, not be left "streaming" for another process's reaper.
+    settings.OPENAI_API_KEY = ""  # the demo model: ~60 pieces, one every 50 ms
+    settings.DEMO_MODEL_DELAY_MS = 50
+    request = parse_reply_request(b'{"message": "hi"}', "application/json", max_chars=100, max_bytes=1000)
+
+    async def shut_down_with_a_late_launch() -> tuple[LiveReply, bool]:
+        runtime = GenerationRuntime()
+        await runtime.start()
+        provider = runtime.provider()
+        first = await run_db(services.reply_start, user=user, request=request, model=provider.model)
+        late = await run_db(services.reply_start, user=user, request=request, model=provider.model)
+        first_reply = runtime.launch(first.start, first.context, provider)
+        await asyncio.sleep(0.2)
+        shutdown = runtime.begin_shutdown(0.1)
+        while first_reply.stop_reason is None:  # the shutdown is stopping the replies it knows
+            await asyncio.sleep(0.001)
+        late_reply = runtime.launch(late.start, late.context, provider)  # the late request's turn
+        await shutdown
+        return late_reply, late_reply.task.done()  # asyncio.run would finish it on its way out
+
+    late_reply, ended_with_the_shutdown = asyncio.run(shut_down_with_a_late_launch())
+    assert ended_with_the_shutdown
+    stored = Message.objects.get(pk=late_reply.id)
+    assert stored.status == Message.Status.INTERRUPTED
+    assert stored.content == "".join(late_reply.pieces)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_reply_stopped_before_its_task_first_runs_still_stores_its_end(user, settings):
+    settings.OPENAI_API_KEY = ""  # the demo model
+    request = parse_reply_request(b'{"message": "hi"}', "application/json", max_chars=100, max_bytes=1000)
+
+    async def launch_and_stop_at_once() -> LiveReply:
+        runtime = GenerationRuntime()
+        await runtime.start()
+        provider = runtime.provider()
+        started = await run_db(services.reply_start, user=user, request=request, model=provider.model)
+        reply = runtime.launch(started.start, started.context, provider)
+        reply.request_stop("stopped")  # in the same step as the launch: its task has not run yet
+        await reply.task
+        await runtime.shutdown(0)
+        return reply
+
+    reply = asyncio.run(launch_and_stop_at_once())
+    assert reply.terminal is not None and reply.terminal.payload()["status"] == "cancelled"
+    assert Message.objects.get(pk=reply.id).status == Message.Status.CANCELLED
 
 
 @pytest.mark.django_db(transaction=True)

@@ -82,6 +82,7 @@ class LiveReply:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task | None = None
     stop_reason: str | None = None  # "stopped", "shutdown", "gone" (deleted or reaped elsewhere)
+    started: bool = False  # _generate is running (so a cancellation reaches its except clause)
     finishing: bool = False
     write_in_flight: asyncio.Task | None = None
     started_at: float = field(default_factory=time.monotonic)
@@ -114,7 +115,10 @@ class LiveReply:
         if self.finishing or self.task is None or self.task.done():
             return
         self.stop_reason = reason
-        self.task.cancel()
+        # A task cancelled before its first step never runs its body, so it would skip its own
+        # ending (the row would stay "streaming"); not started yet, _generate sees stop_reason.
+        if self.started:
+            self.task.cancel()
 
 
 # --- The runtime ------------------------------------------------------------------------------------
@@ -158,10 +162,12 @@ class GenerationRuntime:
         tasks = [reply.task for reply in self.live.values() if reply.task]
         if tasks and grace_seconds > 0:
             await asyncio.wait(tasks, timeout=grace_seconds)
-        for reply in list(self.live.values()):
-            reply.request_stop("shutdown")
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        # Again until none is left: a request that passed the `accepting` check just before the
+        # shutdown began launches its reply afterwards, and that one must end as interrupted too.
+        while running := [reply.task for reply in self.live.values() if reply.task and not reply.task.done()]:
+            for reply in list(self.live.values()):
+                reply.request_stop("shutdown")
+            await asyncio.gather(*running, return_exceptions=True)
         for task in (self._maintenance, self._heartbeats):
             if task:
                 task.cancel()
@@ -211,8 +217,11 @@ class GenerationRuntime:
         reply.lease_deadline = self._lease_deadline_from(renewed_at)
 
     async def _generate(self, reply: LiveReply, provider: Provider, context: list[dict[str, str]]) -> None:
+        reply.started = True
         status, error_code, error_message = "completed", "", ""
         try:
+            if reply.stop_reason is not None:
+                raise asyncio.CancelledError  # stopped before it could start: end it the same way
             async with asyncio.timeout(settings.MAX_REPLY_SECONDS):
                 # aclosing: leaving early (Stop, a limit) closes the provider's upstream request.
                 async with aclosing(provider.stream(context)) as deltas:
