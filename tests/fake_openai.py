@@ -11,7 +11,8 @@ Behaviour is chosen per request: if the last ``user`` message starts with ``#fak
 
 Scenario keys (all optional): ``reply``, ``chunk_chars``, ``chunks``, ``first_delay_ms``,
 ``delay_ms``, ``jitter``, ``status``, ``error_message``, ``drop_after``, ``hang``,
-``finish_reason``, ``usage``. A directive with neither ``reply`` nor ``chunks`` replies
+``finish_reason``, ``usage``, ``end_delay_ms`` (the chunked body's end follows ``[DONE]`` after
+this delay). A directive with neither ``reply`` nor ``chunks`` replies
 with a short fixed text (or nothing at all when ``hang`` is set).
 
 CLI: ``python -m tests.fake_openai --host 127.0.0.1 --port 0 --profile default [--api-key K]``
@@ -215,7 +216,9 @@ def _event(obj_json: bytes) -> bytes:
     return _chunk(b"data: " + obj_json + b"\n\n")
 
 
-_DONE = _chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n"
+_DONE_EVENT = _chunk(b"data: [DONE]\n\n")
+_LAST_CHUNK = b"0\r\n\r\n"
+_DONE = _DONE_EVENT + _LAST_CHUNK
 
 
 def _dumps(obj: Any) -> bytes:
@@ -753,7 +756,16 @@ class FakeOpenAI:
             p = _count_prompt_tokens(body.get("messages") or [])
             out += _event(common + b'[],"usage":' + _dumps(
                 {"prompt_tokens": p, "completion_tokens": sent, "total_tokens": p + sent}) + b"}")
-        writer.write(out + _DONE)
+        end_delay = float(sc.get("end_delay_ms") or 0)
+        if end_delay > 0:
+            # [DONE] now, the end of the chunked body later, as when they cross a real network in
+            # separate packets: a client must read on past [DONE] to keep the connection.
+            writer.write(out + _DONE_EVENT)
+            await writer.drain()
+            await asyncio.sleep(end_delay / 1000)
+            writer.write(_LAST_CHUNK)
+        else:
+            writer.write(out + _DONE)
         conn.response_complete = True
         self._finish(rec, "completed")
         await writer.drain()

@@ -10,9 +10,10 @@ from http import HTTPStatus
 import pytest
 
 from ai_features.streaming.events import ContentEvent, ReplyOutcome, StartEvent
-from ai_features.streaming.providers import DemoProvider
+from ai_features.streaming.providers import DemoProvider, OpenAIProvider
 from ai_features.streaming.sse import HEARTBEAT, SSE_HEADERS, encode_event, encode_payload, sse_bytes
 from ai_features.streaming.validation import ApiError, parse_last_event_id, parse_reply_request
+from tests.fake_openai import FakeOpenAI, scenario
 from tests.sse_client import parse_all
 
 
@@ -206,3 +207,22 @@ def test_a_model_server_that_never_accepts_the_connection_is_a_timeout_not_a_dis
         for sock in [*fillers, listener]:
             sock.close()
     assert raised.value.code == "upstream_timeout"
+
+
+@pytest.mark.parametrize("end_delay_ms", [0, 30])
+def test_the_upstream_connection_is_reused_even_when_the_body_ends_after_done(end_delay_ms):
+    # After [DONE] the provider reads on (briefly) to the end of the chunked body, so the pooled
+    # HTTP/1.1 connection is kept for the next reply instead of being closed and opened again.
+    with FakeOpenAI() as server:
+        async def two_replies() -> list[str]:
+            provider = OpenAIProvider(api_key="k", base_url=server.base_url, model="m", timeout_seconds=5)
+            texts = []
+            for _ in range(2):
+                message = [{"role": "user", "content": scenario(chunks=["a", "b"], end_delay_ms=end_delay_ms)}]
+                texts.append("".join([d.text async for d in provider.stream(message)]))
+            await provider.aclose()
+            return texts
+
+        assert asyncio.run(two_replies()) == ["ab", "ab"]
+        first, second = server.wait_for_requests(2)
+    assert first.conn_id == second.conn_id

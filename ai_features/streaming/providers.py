@@ -81,6 +81,22 @@ def _parse_chunk(payload: bytes):
         return json.loads(payload.decode("utf-8", "replace"))
 
 
+# How long to wait after [DONE] for the rest of the body (the chunked terminator), as the SDK does.
+DRAIN_SECONDS = 0.1
+
+
+async def _read_to_the_end(rest: AsyncIterator[bytes]) -> None:
+    """Read what follows [DONE]: an HTTP/1.1 connection goes back to the pool only once its body has
+    ended, else it is closed and the next reply pays for a new connection (and TLS handshake). The
+    reply is already complete, so a slow or broken end of the body is simply given up on."""
+    try:
+        async with asyncio.timeout(DRAIN_SECONDS):
+            async for _ in rest:
+                pass
+    except Exception:  # noqa: BLE001 - a timeout or a transport error: the reply is complete anyway
+        pass
+
+
 def _timed_out(exc: BaseException) -> bool:
     """Whether a failure of the SDK's aiohttp transport was a timeout (connect, pool or read).
 
@@ -149,13 +165,16 @@ class OpenAIProvider:
                     "stream_options": {"include_usage": True},
                 },
                 cast_to=object,
+                options={"security": {"bearer_auth": True}},  # the API key only, as create() sends
                 stream=True,
                 stream_cls=openai.AsyncStream[object],
             )
             async with stream:
                 finished = False
-                async for payload in _sse_data(stream.response.aiter_bytes()):
+                payloads = _sse_data(stream.response.aiter_bytes())
+                async for payload in payloads:
                     if payload == b"[DONE]":
+                        await _read_to_the_end(payloads)
                         break
                     chunk = _parse_chunk(payload)
                     if not isinstance(chunk, dict):
