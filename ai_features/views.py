@@ -209,7 +209,7 @@ def stream_endpoint(view: Callable) -> Callable:
                     if csrf_check.process_view(request, None, (), {}) is not None:
                         raise ApiError(HTTPStatus.FORBIDDEN, "CSRF verification failed. Reload the page and try again.")
             if user is None:
-                raise ApiError(HTTPStatus.UNAUTHORIZED, "You are not logged in, or your stream token expired.")
+                raise service.unauthorized()
             return view(request, user, *args, **kwargs)
         except ApiError as exc:
             return error_response(exc.status, exc.message, exc.headers)

@@ -27,7 +27,8 @@ def check_origin(origin: str | None, allowed: list[str]) -> None:
         raise ApiError(HTTPStatus.FORBIDDEN, "This origin is not allowed to use the stream service.")
 
 
-def _unauthorized() -> ApiError:
+def unauthorized() -> ApiError:
+    """The 401 of every stream endpoint, on both adapters."""
     return ApiError(
         HTTPStatus.UNAUTHORIZED,
         "You are not logged in, or your stream token expired.",
@@ -45,13 +46,13 @@ class Credentials:
     def require_any(self) -> None:
         """401 at once, with no database work, for a request that presents no credentials at all."""
         if not self.authorization and not self.session_key:
-            raise _unauthorized()
+            raise unauthorized()
 
     def user(self):
         """The caller, or ApiError 401. Runs on a database thread."""
         user = stream_auth.authenticate_stream_caller(authorization=self.authorization, session_key=self.session_key)
         if user is None:
-            raise _unauthorized()
+            raise unauthorized()
         return user
 
 
