@@ -11,6 +11,7 @@ SSE on the wire and the history API. The in-process tests (bounded writes, long 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
 import threading
@@ -551,6 +552,34 @@ def test_a_reply_stopped_before_its_task_first_runs_still_stores_its_end(user, s
     reply = asyncio.run(launch_and_stop_at_once())
     assert reply.terminal is not None and reply.terminal.payload()["status"] == "cancelled"
     assert Message.objects.get(pk=reply.id).status == Message.Status.CANCELLED
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_stop_after_the_model_finished_keeps_the_reply_completed(model_server, user):
+    # After [DONE] the provider reads on briefly to the end of the HTTP body (to keep the connection);
+    # a Stop landing then must not turn a complete reply into a "cancelled" one.
+    chunks = ["all ", "of ", "it"]
+    body = json.dumps({"message": scenario(chunks=chunks, end_delay_ms=2000)}).encode()
+    request = parse_reply_request(body, "application/json", max_chars=10_000, max_bytes=100_000)
+
+    async def stop_right_after_the_last_piece() -> LiveReply:
+        runtime = GenerationRuntime()
+        await runtime.start()
+        provider = runtime.provider()
+        started = await run_db(services.reply_start, user=user, request=request, model=provider.model)
+        reply = runtime.launch(started.start, started.context, provider)
+        while len(reply.pieces) < len(chunks):
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.02)  # [DONE] came with the last piece; the body's end is 2 s away
+        reply.request_stop("stopped")
+        await reply.task
+        await runtime.shutdown(0)
+        return reply
+
+    reply = asyncio.run(stop_right_after_the_last_piece())
+    assert reply.terminal.payload()["status"] == "completed"
+    stored = Message.objects.get(pk=reply.id)
+    assert stored.status == Message.Status.COMPLETED and stored.content == "".join(chunks)
 
 
 @pytest.mark.django_db(transaction=True)

@@ -170,11 +170,11 @@ class OpenAIProvider:
                 stream_cls=openai.AsyncStream[object],
             )
             async with stream:
-                finished = False
+                finished = done = False
                 payloads = _sse_data(stream.response.aiter_bytes())
                 async for payload in payloads:
                     if payload == b"[DONE]":
-                        await _read_to_the_end(payloads)
+                        done = True
                         break
                     chunk = _parse_chunk(payload)
                     if not isinstance(chunk, dict):
@@ -198,6 +198,8 @@ class OpenAIProvider:
                 if not finished:
                     raise ProviderError("upstream_incomplete", "The AI service ended the reply unexpectedly.")
                 yield Delta(finished=True)
+                if done:  # only after the reply is reported complete: tidying up must not delay or undo it
+                    await _read_to_the_end(payloads)
         except ProviderError:
             raise
         except openai.APIStatusError as exc:

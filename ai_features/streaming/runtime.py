@@ -219,6 +219,7 @@ class GenerationRuntime:
     async def _generate(self, reply: LiveReply, provider: Provider, context: list[dict[str, str]]) -> None:
         reply.started = True
         status, error_code, error_message = "completed", "", ""
+        model_finished = False
         try:
             if reply.stop_reason is not None:
                 raise asyncio.CancelledError  # stopped before it could start: end it the same way
@@ -236,6 +237,8 @@ class GenerationRuntime:
                             reply.prompt_tokens = delta.prompt_tokens
                         if delta.completion_tokens is not None:
                             reply.completion_tokens = delta.completion_tokens
+                        if delta.finished:
+                            model_finished = True
         except asyncio.CancelledError:
             # Stop cancels this task; so does a shutdown past its grace period. Either way the
             # text so far is kept: swallow the cancellation and finish the row below.
@@ -253,6 +256,10 @@ class GenerationRuntime:
         except Exception:  # noqa: BLE001 - any bug still ends the reply with its text kept
             logger.exception("reply %s failed", reply.id)
             status, error_code, error_message = "error", "internal_error", "Something went wrong while generating the reply."
+        if model_finished:
+            # The model said the reply is complete; a Stop, shutdown or limit that arrives while
+            # the provider tidies its connection up does not make it less so.
+            status, error_code, error_message = "completed", "", ""
         await self._finish(reply, status, error_code, error_message)
 
     async def _finish(self, reply: LiveReply, status: str, error_code: str, error_message: str) -> None:
