@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from dataclasses import dataclass, field
 
 now = time.perf_counter
@@ -265,6 +266,15 @@ async def connect(host: str, port: int, fmt: str) -> HTTPConn:
     return proto
 
 
+# What a body holds where each request needs an id of its own (the page's client_message_id): as
+# long as a uuid4's hex, so the prebuilt request keeps its Content-Length.
+FRESH_ID = b"#" * 32
+
+
+def fresh_ids(raw: bytes) -> bytes:
+    return raw.replace(FRESH_ID, uuid.uuid4().hex.encode()) if FRESH_ID in raw else raw
+
+
 def build_request(method: str, host: str, port: int, path: str, headers: dict[str, str], body: bytes = b"") -> bytes:
     lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}", "Accept: text/event-stream"]
     lines += [f"{k}: {v}" for k, v in headers.items()]
@@ -282,7 +292,7 @@ class Target:
     port: int
     path: str
     fmt: str
-    bodies: list[bytes]  # one per user (cycled)
+    bodies: list[bytes]  # one per user (cycled); FRESH_ID in a body becomes a new id per request
     headers: list[dict[str, str]]  # one per user (cycled)
 
 
@@ -320,7 +330,7 @@ async def run_step(
             try:
                 if conn is None or conn.closed:
                     conn = await asyncio.wait_for(connect(target.host, target.port, target.fmt), 10)
-                waiter = conn.request(raw, sample)
+                waiter = conn.request(fresh_ids(raw), sample)
                 await asyncio.wait_for(waiter, request_timeout)
             except (TimeoutError, asyncio.TimeoutError):
                 sample.error = sample.error or "timeout"

@@ -30,7 +30,7 @@ from tests.fake_openai import PROFILES
 from tests.stack import PYTHON, ROOT, Stack, free_port, wait_healthy
 
 from . import procstat
-from .client import Sample, Target, connect, build_request, run_step, summarize
+from .client import FRESH_ID, Sample, Target, connect, build_request, run_step, summarize
 from .monitor import Monitor, MonitorConfig
 from .users import BenchUser, create_users
 
@@ -91,11 +91,11 @@ def start_relay(upstream_port: int, workdir: Path, http_client: str = "httpx2") 
     return process, port
 
 
-def start_candidate(stack: Stack, checkout: Path) -> tuple[subprocess.Popen, int]:
-    """A second sidecar from another checkout (a patched copy), on the same database, model server
-    and settings as the stack's own: arm P, measured interleaved with C."""
+def start_candidate(stack: Stack, checkout: Path, extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, int]:
+    """A second sidecar from another checkout (a patched copy, or this one with other settings), on
+    the same database, model server and settings as the stack's own: arm P, interleaved with C."""
     port = free_port()
-    env = {**stack.env, "PORT": str(port), "PYTHON": PYTHON}
+    env = {**stack.env, **(extra_env or {}), "PORT": str(port), "PYTHON": PYTHON}
     process = subprocess.Popen(
         ["bash", str(checkout / "start_stream.sh"), "--log-level", "warning"],
         cwd=checkout, env=env, stdout=open(stack.workdir / "candidate.log", "ab"), stderr=subprocess.STDOUT,
@@ -145,6 +145,10 @@ def stack_env(args, extra: dict[str, str] | None = None) -> dict[str, str]:
         env[key] = value
     env.update(extra or {})
     return env
+
+
+def candidate_env(args) -> dict[str, str]:
+    return dict(item.partition("=")[::2] for item in args.candidate_env)
 
 
 def machine_info() -> dict:
@@ -205,7 +209,8 @@ class Bench:
             "stream_options": {"include_usage": True},
         }).encode()
         openai_headers = [{"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"}]
-        c3_body = [b'{"message": "bench", "include_history": false}']
+        # As the page sends it: a new client_message_id (idempotency key) with every message.
+        c3_body = [b'{"message": "bench", "include_history": false, "client_message_id": "' + FRESH_ID + b'"}']
         cookie = getattr(stack, "session_cookie_name", "sessionid")
         self.targets = {
             "A": Target("A", "127.0.0.1", stack.model_port, "/v1/chat/completions", "openai", [openai_body],
@@ -395,7 +400,7 @@ class Bench:
         out = Path(self.args.out) / f"{self.args.stamp}-{self.args.db}-{owner}-N{level}"
         rpw = self.requests_per_worker(level)
         duration = int(min(self.args.step_seconds, 4 + rpw * (self.timing["expected_reply_s"] or 1))) + 2
-        raw = subprocess.Popen([py_spy, "record", "--pid", str(self.pids[owner]), "--rate", "250",
+        raw = subprocess.Popen([py_spy, "record", "--pid", str(self.pids[owner]), "--rate", os.environ.get("BENCH_PYSPY_RATE", "250"),
                                 "--duration", str(duration), "--format", "raw", "--nonblocking",
                                 "--threads", *(["--native"] if self.args.py_spy_native else []),
                                 *(["--gil"] if self.args.py_spy_gil else []), "-o", f"{out}.txt"], stdout=subprocess.DEVNULL,
@@ -781,6 +786,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="HTTP client of the B relay (see bench/relay.py)")
     parser.add_argument("--candidate", type=Path, default=None, metavar="CHECKOUT",
                         help="a patched copy of the product: its sidecar is arm P, interleaved with C")
+    parser.add_argument("--candidate-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="settings only P gets (e.g. --candidate . --candidate-env DB_THREADS=2)")
     parser.add_argument("--sample-interval", type=float, default=0.2)
     parser.add_argument("--max-foreign", type=float, default=0.15,
                         help="before each step wait until other processes use less than this many cores (0: never wait)")
@@ -850,8 +857,9 @@ def main(argv: list[str] | None = None) -> int:
                     report["meta"]["relay_http_client"] = httpx_get(f"http://127.0.0.1:{relay_port}/healthz")
                     relay_pid = relay.pid
                 if "P" in arms:
-                    candidate, candidate_port = start_candidate(stack, args.candidate.resolve())
+                    candidate, candidate_port = start_candidate(stack, args.candidate.resolve(), candidate_env(args))
                     report["meta"]["candidate"] = str(args.candidate.resolve())
+                    report["meta"]["candidate_env"] = candidate_env(args)
                     report["meta"]["candidate_diff"] = subprocess.run(
                         ["git", "diff", "--stat", "--", "ai_features", "c3_app", "asgi_stream.py", "start_stream.sh"],
                         cwd=args.candidate, capture_output=True, text=True).stdout
@@ -889,7 +897,7 @@ def main(argv: list[str] | None = None) -> int:
                                                    args.idle_rate, stack.processes["sidecar0"].pid,
                                                    stack.sidecar_ports[0]))
             if "P" in arms:
-                candidate, port = start_candidate(stack, args.candidate.resolve())
+                candidate, port = start_candidate(stack, args.candidate.resolve(), candidate_env(args))
                 try:
                     report["idle_candidate"] = run_loop(idle_streams(
                         stack, users, args.idle, args.idle_hold, args.idle_heartbeat, args.idle_rate,

@@ -85,6 +85,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "jitter": 0.3,
     },
     "instant": {"chunks": [f"w{i:03d} lorem ipsu " for i in range(64)]},
+    # One delta at once: what a stream costs apart from its tokens (auth, rows, connections).
+    "instant-1": {"chunks": ["w000 lorem ipsu "]},
     "silent": {"chunks": [], "hang": True},
 }
 
