@@ -73,25 +73,24 @@ def reply_start(*, user, request: ReplyRequest, model: str) -> ReplyStart:
     """Store the user message and a `streaming` assistant row, and build the model's context.
 
     Raises ApiError 404 (conversation not the caller's) or 429 (rate limits); stores nothing then.
+    A retry with a known `client_message_id` stores nothing and returns the first reply. The unique
+    constraint finds it, not a read before every send: most sends are new ones. A retry that a limit
+    refuses gets the first reply too, since the first send is what filled the limit.
     """
-    if request.client_message_id:
-        existing = _existing_reply(user=user, client_message_id=request.client_message_id)
-        if existing is not None:
-            return existing
-    _check_rate_limits(user)
     try:
+        _check_rate_limits(user)
         with transaction.atomic():
             return _store_new_reply(user=user, request=request, model=model)
-    except IntegrityError:
-        # Two requests with the same idempotency key raced: the other one stored the reply.
-        if request.client_message_id:
-            existing = _existing_reply(user=user, client_message_id=request.client_message_id)
-            if existing is not None:
-                return existing
-        raise
+    except (IntegrityError, ApiError):
+        existing = _existing_reply(user=user, client_message_id=request.client_message_id)
+        if existing is None:
+            raise
+        return existing
 
 
-def _existing_reply(*, user, client_message_id: str) -> ReplyStart | None:
+def _existing_reply(*, user, client_message_id: str | None) -> ReplyStart | None:
+    if not client_message_id:
+        return None
     user_message = Message.objects.filter(user=user, client_message_id=client_message_id).first()
     if user_message is None:
         return None

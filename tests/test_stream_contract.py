@@ -303,6 +303,31 @@ def test_too_many_replies_generating_at_once_is_429(stream_service, model_server
     assert client.send("and now it may").status == HTTPStatus.OK
 
 
+@pytest.mark.parametrize("limit", ["generating", "per_minute"])
+def test_a_retry_of_a_stored_message_is_not_refused_by_the_limits_it_counts_against(
+    stream_service, model_server, user, settings, limit
+):
+    # The page resends with the same client_message_id when it lost the answer: the first send is
+    # what fills the limit, so the retry must get that reply back, not a 429.
+    if limit == "generating":
+        settings.MAX_CONCURRENT_REPLIES_PER_USER = 1
+    else:
+        settings.RATE_LIMIT_MESSAGES_PER_MINUTE = 1
+    client = stream_service.client(user)
+    first = send_and_leave(client, scenario(chunks=["slow "], hang=True), events=1, client_message_id="lost-answer")
+    counts = stored_counts()
+
+    with client.open("POST", "/api/ai/chat/stream/",
+                     json={"message": "resent", "client_message_id": "lost-answer"}) as response:
+        assert response.status_code == HTTPStatus.OK
+        again = read_events(response, 1)
+
+    assert again[0]["assistant_message_id"] == first[0]["assistant_message_id"]
+    assert stored_counts() == counts
+    assert client.send("a new message").status == HTTPStatus.TOO_MANY_REQUESTS
+    client.stop(first[0]["assistant_message_id"])
+
+
 # --- Failures of the model ---------------------------------------------------------------------------------
 
 
@@ -387,9 +412,9 @@ def read_events(response, count: int) -> list[dict]:
     return [dict(e.json, _id=int(e.id)) for e in events]
 
 
-def send_and_leave(client, message: str, *, events: int) -> list[dict]:
+def send_and_leave(client, message: str, *, events: int, **fields) -> list[dict]:
     """Send a message, read the first `events` events, and go away (close the connection)."""
-    with client.open("POST", "/api/ai/chat/stream/", json={"message": message}) as response:
+    with client.open("POST", "/api/ai/chat/stream/", json={"message": message, **fields}) as response:
         return read_events(response, events)
 
 
