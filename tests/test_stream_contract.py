@@ -303,6 +303,43 @@ def test_too_many_replies_generating_at_once_is_429(stream_service, model_server
     assert client.send("and now it may").status == HTTPStatus.OK
 
 
+def test_the_limits_count_live_replies_and_this_minutes_messages_of_the_caller_only(user, other_user, settings):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from ai_features import services
+
+    now = timezone.now()
+    soon, past = now + timedelta(seconds=30), now - timedelta(seconds=1)
+    for owner in (user, other_user):
+        conversation = Conversation.objects.create(user=owner, title="limits")
+        for status, lease in [("streaming", soon), ("streaming", soon), ("streaming", past), ("completed", None)]:
+            Message.objects.create(conversation=conversation, user=owner, role="assistant", status=status,
+                                   lease_expires_at=lease)
+        for _ in range(3):
+            Message.objects.create(conversation=conversation, user=owner, role="user", content="hi")
+        old = Message.objects.filter(user=owner, role="user").order_by("id").first()
+        Message.objects.filter(pk=old.pk).update(created_at=now - timedelta(minutes=2))
+
+    settings.MAX_CONCURRENT_REPLIES_PER_USER, settings.RATE_LIMIT_MESSAGES_PER_MINUTE = 3, 3
+    services._check_rate_limits(user)  # 2 live (one lease expired, one finished), 2 this minute
+    assert services._limited_counts(user.pk) == (2, 2)
+
+    settings.MAX_CONCURRENT_REPLIES_PER_USER = 2
+    with pytest.raises(services.ApiError) as refused:
+        services._check_rate_limits(user)
+    assert "2 replies generating" in refused.value.message
+    settings.MAX_CONCURRENT_REPLIES_PER_USER, settings.RATE_LIMIT_MESSAGES_PER_MINUTE = 3, 2
+    with pytest.raises(services.ApiError) as refused:
+        services._check_rate_limits(user)
+    assert refused.value.status == HTTPStatus.TOO_MANY_REQUESTS and "too quickly" in refused.value.message
+
+    # Each count stops at its limit: the answer is the same and the work is bounded.
+    settings.MAX_CONCURRENT_REPLIES_PER_USER, settings.RATE_LIMIT_MESSAGES_PER_MINUTE = 1, 1
+    assert services._limited_counts(user.pk) == (1, 1)
+
+
 @pytest.mark.parametrize("limit", ["generating", "per_minute"])
 def test_a_retry_of_a_stored_message_is_not_refused_by_the_limits_it_counts_against(
     stream_service, model_server, user, settings, limit
