@@ -11,7 +11,7 @@ Behaviour is chosen per request: if the last ``user`` message starts with ``#fak
 
 Scenario keys (all optional): ``reply``, ``chunk_chars``, ``chunks``, ``first_delay_ms``,
 ``delay_ms``, ``jitter``, ``status``, ``error_message``, ``drop_after``, ``hang``,
-``finish_reason``, ``usage``, ``end_delay_ms`` (the chunked body's end follows ``[DONE]`` after
+``finish_reason``, ``usage`` (false: no usage chunk; an object: that usage, as given), ``end_delay_ms`` (the chunked body's end follows ``[DONE]`` after
 this delay). A directive with neither ``reply`` nor ``chunks`` replies
 with a short fixed text (or nothing at all when ``hang`` is set).
 
@@ -756,8 +756,9 @@ class FakeOpenAI:
                      + _dumps(finish) + b"}]" + usage_tail)
         if include_usage and sc.get("usage", True):
             p = _count_prompt_tokens(body.get("messages") or [])
-            out += _event(common + b'[],"usage":' + _dumps(
-                {"prompt_tokens": p, "completion_tokens": sent, "total_tokens": p + sent}) + b"}")
+            usage = sc["usage"] if isinstance(sc.get("usage"), dict) else {  # a dict: sent as given
+                "prompt_tokens": p, "completion_tokens": sent, "total_tokens": p + sent}
+            out += _event(common + b'[],"usage":' + _dumps(usage) + b"}")
         end_delay = float(sc.get("end_delay_ms") or 0)
         if end_delay > 0:
             # [DONE] now, the end of the chunked body later, as when they cross a real network in

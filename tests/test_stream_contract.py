@@ -365,6 +365,24 @@ def test_a_retry_of_a_stored_message_is_not_refused_by_the_limits_it_counts_agai
     client.stop(first[0]["assistant_message_id"])
 
 
+@pytest.mark.parametrize(
+    "usage",
+    [
+        {"prompt_tokens": 12.5, "completion_tokens": "many"},
+        {"prompt_tokens": True, "completion_tokens": -3},
+        {"prompt_tokens": 2**40, "completion_tokens": None},
+    ],
+)
+def test_usage_counts_the_database_cannot_hold_are_dropped_not_the_reply(stream_service, model_server, user, usage):
+    result = stream_service.client(user).send(scenario(chunks=["kept ", "text"], usage=usage))
+
+    assert result.terminal["type"] == "done"
+    reply = Message.objects.get(pk=result.payloads[0]["assistant_message_id"])
+    assert (reply.status, reply.content) == (Message.Status.COMPLETED, "kept text")
+    # No count stored from the server; completion_tokens falls back to one per delta, as without usage.
+    assert (reply.prompt_tokens, reply.completion_tokens) == (None, 2)
+
+
 # --- Failures of the model ---------------------------------------------------------------------------------
 
 

@@ -81,6 +81,12 @@ def _parse_chunk(payload: bytes):
         return json.loads(payload.decode("utf-8", "replace"))
 
 
+def _token_count(value) -> int | None:
+    """A usage count the database can store (a non-negative 32-bit integer), else None: the model
+    server's JSON is input like any other, and a bad count must not cost the reply its text."""
+    return value if type(value) is int and 0 <= value < 2**31 else None
+
+
 # How long to wait after [DONE] for the rest of the body (the chunked terminator), as the SDK does.
 DRAIN_SECONDS = 0.1
 
@@ -183,10 +189,10 @@ class OpenAIProvider:
                         logger.warning("model server sent an error event: %s", chunk["error"])
                         raise ProviderError("upstream_unavailable", "The AI service reported an error mid-reply.")
                     usage = chunk.get("usage")
-                    if usage:
+                    if usage and isinstance(usage, dict):
                         yield Delta(
-                            prompt_tokens=usage.get("prompt_tokens"),
-                            completion_tokens=usage.get("completion_tokens"),
+                            prompt_tokens=_token_count(usage.get("prompt_tokens")),
+                            completion_tokens=_token_count(usage.get("completion_tokens")),
                         )
                     for choice in chunk.get("choices") or ():
                         delta = choice.get("delta")
