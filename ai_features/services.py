@@ -153,9 +153,9 @@ def _limited_counts(user_id: int) -> tuple[int, int]:
             ),
             [
                 user_id, Message.Role.ASSISTANT, Message.Status.STREAMING, _db_datetime(now),
-                settings.MAX_CONCURRENT_REPLIES_PER_USER,
+                max(settings.MAX_CONCURRENT_REPLIES_PER_USER, 0),  # PostgreSQL refuses LIMIT -1
                 user_id, Message.Role.USER, _db_datetime(now - timedelta(minutes=1)),
-                settings.RATE_LIMIT_MESSAGES_PER_MINUTE,
+                max(settings.RATE_LIMIT_MESSAGES_PER_MINUTE, 0),
             ],
         )
         live, recent = cursor.fetchone()

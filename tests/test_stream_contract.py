@@ -314,23 +314,28 @@ def test_the_limits_count_live_replies_and_this_minutes_messages_of_the_caller_o
     soon, past = now + timedelta(seconds=30), now - timedelta(seconds=1)
     for owner in (user, other_user):
         conversation = Conversation.objects.create(user=owner, title="limits")
-        for status, lease in [("streaming", soon), ("streaming", soon), ("streaming", past), ("completed", None)]:
-            Message.objects.create(conversation=conversation, user=owner, role="assistant", status=status,
+        # Live: a streaming assistant row with a lease that holds. Not live: an expired lease, a
+        # finished row (whatever its lease says), a user row.
+        for role, status, lease in [
+            ("assistant", "streaming", soon), ("assistant", "streaming", soon), ("assistant", "streaming", past),
+            ("assistant", "completed", soon), ("assistant", "completed", None), ("user", "streaming", soon),
+        ]:
+            Message.objects.create(conversation=conversation, user=owner, role=role, status=status,
                                    lease_expires_at=lease)
         for _ in range(3):
             Message.objects.create(conversation=conversation, user=owner, role="user", content="hi")
         old = Message.objects.filter(user=owner, role="user").order_by("id").first()
         Message.objects.filter(pk=old.pk).update(created_at=now - timedelta(minutes=2))
 
-    settings.MAX_CONCURRENT_REPLIES_PER_USER, settings.RATE_LIMIT_MESSAGES_PER_MINUTE = 3, 3
-    services._check_rate_limits(user)  # 2 live (one lease expired, one finished), 2 this minute
-    assert services._limited_counts(user.pk) == (2, 2)
+    settings.MAX_CONCURRENT_REPLIES_PER_USER, settings.RATE_LIMIT_MESSAGES_PER_MINUTE = 3, 4
+    assert services._limited_counts(user.pk) == (2, 3)  # user messages: 3 this minute, 1 before
+    services._check_rate_limits(user)
 
     settings.MAX_CONCURRENT_REPLIES_PER_USER = 2
     with pytest.raises(services.ApiError) as refused:
         services._check_rate_limits(user)
     assert "2 replies generating" in refused.value.message
-    settings.MAX_CONCURRENT_REPLIES_PER_USER, settings.RATE_LIMIT_MESSAGES_PER_MINUTE = 3, 2
+    settings.MAX_CONCURRENT_REPLIES_PER_USER, settings.RATE_LIMIT_MESSAGES_PER_MINUTE = 3, 3
     with pytest.raises(services.ApiError) as refused:
         services._check_rate_limits(user)
     assert refused.value.status == HTTPStatus.TOO_MANY_REQUESTS and "too quickly" in refused.value.message
@@ -338,6 +343,11 @@ def test_the_limits_count_live_replies_and_this_minutes_messages_of_the_caller_o
     # Each count stops at its limit: the answer is the same and the work is bounded.
     settings.MAX_CONCURRENT_REPLIES_PER_USER, settings.RATE_LIMIT_MESSAGES_PER_MINUTE = 1, 1
     assert services._limited_counts(user.pk) == (1, 1)
+    # A limit set below zero refuses everything, as zero does (and is no database error).
+    settings.MAX_CONCURRENT_REPLIES_PER_USER, settings.RATE_LIMIT_MESSAGES_PER_MINUTE = -1, -1
+    assert services._limited_counts(user.pk) == (0, 0)
+    with pytest.raises(services.ApiError):
+        services._check_rate_limits(user)
 
 
 @pytest.mark.parametrize("limit", ["generating", "per_minute"])
