@@ -149,6 +149,9 @@ if _db["ENGINE"] == "django.db.backends.sqlite3":
     # and deletes the WAL, so a fresh connection per unit of work was most of the sidecar's
     # database time. In WAL mode an idle autocommit connection holds no lock.
     _db["CONN_MAX_AGE"] = DB_CONN_MAX_AGE
+    # The same backend, but a process's writers queue on a lock instead of in SQLite's busy handler,
+    # which sleeps up to 100 ms between tries (c3_app/sqlite_backend/base.py).
+    _db["ENGINE"] = "c3_app.sqlite_backend"
     _db.setdefault("OPTIONS", {}).update(
         {
             "timeout": 30,
