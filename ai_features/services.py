@@ -50,7 +50,8 @@ def conversation_rename(*, user, conversation_id: int, title: str) -> Conversati
     if conversation is None:
         return None
     conversation.title = title
-    conversation.save(update_fields=["title", "updated_at"])
+    with transaction.atomic():  # a transaction, so that on SQLite it queues with the other writers
+        conversation.save(update_fields=["title", "updated_at"])
     return conversation
 
 
@@ -342,7 +343,8 @@ def replies_to_stop(message_ids: list[int]) -> dict[int, str]:
 
 
 def reply_request_stop(*, message_id: int) -> None:
-    Message.objects.filter(pk=message_id, status=Message.Status.STREAMING).update(stop_requested=True)
+    with transaction.atomic():  # a transaction, so that on SQLite it queues with the other writers
+        Message.objects.filter(pk=message_id, status=Message.Status.STREAMING).update(stop_requested=True)
 
 
 def reply_pieces(*, message_id: int, after: int) -> list[tuple[int, str]]:

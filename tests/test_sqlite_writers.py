@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 from django.db import connection, transaction
@@ -16,49 +15,77 @@ pytestmark = [
 ]
 
 
-def writer_lock():
-    from c3_app.sqlite_backend.base import _writer
+class RecordingLock:
+    """The backend's lock, with a record of who waited for it and who got it."""
 
-    return _writer
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.waiting = threading.Event()  # some thread called acquire() while the lock was held
+        self.acquired_by: list[str] = []
+
+    def acquire(self, timeout: float = -1) -> bool:
+        if self._lock.locked():
+            self.waiting.set()
+        got = self._lock.acquire(timeout=timeout)
+        if got:
+            self.acquired_by.append(threading.current_thread().name)
+        return got
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
 
 
-def test_the_lock_is_held_for_a_transaction_and_released_by_commit_and_by_rollback(user):
+@pytest.fixture
+def writer_lock(monkeypatch):
+    from c3_app.sqlite_backend import base
+
+    lock = RecordingLock()
+    monkeypatch.setattr(base, "_writer", lock)
+    return lock
+
+
+def test_the_lock_is_held_for_a_transaction_and_released_by_commit_rollback_and_close(user, writer_lock):
     with transaction.atomic():
         Conversation.objects.create(user=user, title="kept")
-        assert writer_lock().locked()
-    assert not writer_lock().locked()
+        assert writer_lock.locked()
+    assert not writer_lock.locked()
 
     with pytest.raises(ZeroDivisionError), transaction.atomic():
         Conversation.objects.create(user=user, title="rolled back")
-        assert writer_lock().locked()
+        assert writer_lock.locked()
         1 / 0
-    assert not writer_lock().locked()
+    assert not writer_lock.locked()
+
+    with transaction.atomic():
+        Conversation.objects.create(user=user, title="closed before its end")
+        connection.close()
+    assert not writer_lock.locked()
     assert list(Conversation.objects.values_list("title", flat=True)) == ["kept"]
 
 
-def test_a_second_writer_starts_as_soon_as_the_first_commits(user):
-    # SQLite's busy handler would retry after sleeps of 1, 2, 5 … 50, 100 ms: a writer that found
-    # the database locked for 0.24 s would start ~90 ms after it was freed. The lock hands over at once.
-    committed_at: list[float] = []
-    started_at: list[float] = []
+def test_a_second_writer_waits_on_the_lock_and_gets_it_when_the_first_commits(user, writer_lock):
+    second_wrote = threading.Event()
 
     def second_writer():
         try:
             with transaction.atomic():
-                started_at.append(time.monotonic())
                 Conversation.objects.create(user=user, title="second")
+            second_wrote.set()
         finally:
             connection.close()
 
     with transaction.atomic():
         Conversation.objects.create(user=user, title="first")
-        other = threading.Thread(target=second_writer)
+        other = threading.Thread(target=second_writer, name="second-writer")
         other.start()
-        time.sleep(0.24)
-    committed_at.append(time.monotonic())
+        # It queues on the lock (not in SQLite's busy handler) while this transaction is open.
+        assert writer_lock.waiting.wait(10)
+        assert not second_wrote.is_set()
     other.join(10)
 
-    assert started_at, "the second writer never got in"
-    assert started_at[0] >= committed_at[0] - 0.005  # it waited for the first one
-    assert started_at[0] - committed_at[0] < 0.06
+    assert second_wrote.is_set()
+    assert writer_lock.acquired_by[-1] == "second-writer"  # it held the lock, not a timed-out wait
     assert list(Conversation.objects.order_by("id").values_list("title", flat=True)) == ["first", "second"]

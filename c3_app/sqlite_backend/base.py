@@ -5,7 +5,10 @@ busy handler, which sleeps 1, 2, 5, 10 … up to 100 ms between tries: under a b
 sidecar's database threads storing, logging and finishing replies at once) most of the wait was sleep
 after the lock had been freed. Here the writers of one process queue on a lock that is handed over as
 soon as a transaction ends; SQLite's busy handler still arbitrates between processes (the sidecar and
-gunicorn's workers).
+gunicorn's workers). One lock per process: the project has one database.
+
+Writes made outside a transaction (autocommit) do not queue here: the services that write from
+request paths wrap theirs in `transaction.atomic()` so that they queue like the rest.
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ class DatabaseWrapper(base.DatabaseWrapper):
 
     def _start_transaction_under_autocommit(self):
         # Every transaction here is BEGIN IMMEDIATE (a writer). Wait no longer than SQLite itself
-        # would: past that, go on and let SQLite decide, so a lock never waits forever.
-        self._holds_writer = _writer.acquire(timeout=self.settings_dict["OPTIONS"].get("timeout", 5))
+        # would: past that, go on and let SQLite's busy handler decide, so nothing waits forever
+        # (at worst the timeout twice, when a holder is itself stuck behind another process).
+        if not self._holds_writer:  # never wait on a lock this connection already holds
+            self._holds_writer = _writer.acquire(timeout=self.settings_dict["OPTIONS"].get("timeout", 5))
         try:
             super()._start_transaction_under_autocommit()
         except BaseException:
