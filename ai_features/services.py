@@ -269,13 +269,10 @@ def _insert_log_rows(batches: list[LogBatch]) -> None:
     value through the field itself, so each backend still gets its own representation."""
     if not batches:
         return
-    meta = ReplyChunk._meta
-    pieces_field = meta.get_field("pieces")
-    columns = ", ".join(connection.ops.quote_name(meta.get_field(name).column) for name in ("message", "first_seq", "pieces"))
-    sql = f"INSERT INTO {connection.ops.quote_name(meta.db_table)} ({columns}) VALUES (%s, %s, %s)"
+    pieces_field = ReplyChunk._meta.get_field("pieces")
     rows = [(b.message_id, b.first_seq, pieces_field.get_db_prep_save(b.pieces, connection)) for b in batches]
     with connection.cursor() as cursor:
-        cursor.executemany(sql, rows)
+        cursor.executemany(_sql("INSERT INTO {chunk} (message_id, first_seq, pieces) VALUES (%s, %s, %s)"), rows)
 
 
 @dataclass(frozen=True, slots=True)
