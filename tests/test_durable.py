@@ -502,6 +502,21 @@ class WriteCounter:
         return sum(self.counts.values())
 
 
+async def running_runtime() -> GenerationRuntime:
+    runtime = GenerationRuntime()
+    await runtime.start()
+    return runtime
+
+
+async def store_reply(runtime: GenerationRuntime, user, request):
+    """What the adapters do before launching: store the reply (on a database thread)."""
+    return await run_db(services.reply_start, user=user, request=request, model=runtime.provider().model)
+
+
+def launch(runtime: GenerationRuntime, started) -> LiveReply:
+    return runtime.launch(started.start, started.context, runtime.provider())
+
+
 @pytest.mark.django_db(transaction=True)
 def test_a_reply_launched_while_the_shutdown_stops_replies_has_ended_when_it_returns(user, settings):
     # A request that passed the `accepting` check just before SIGTERM launches its reply after the
@@ -512,17 +527,14 @@ def test_a_reply_launched_while_the_shutdown_stops_replies_has_ended_when_it_ret
     request = parse_reply_request(b'{"message": "hi"}', "application/json", max_chars=100, max_bytes=1000)
 
     async def shut_down_with_a_late_launch() -> tuple[LiveReply, bool]:
-        runtime = GenerationRuntime()
-        await runtime.start()
-        provider = runtime.provider()
-        first = await run_db(services.reply_start, user=user, request=request, model=provider.model)
-        late = await run_db(services.reply_start, user=user, request=request, model=provider.model)
-        first_reply = runtime.launch(first.start, first.context, provider)
+        runtime = await running_runtime()
+        first, late = await store_reply(runtime, user, request), await store_reply(runtime, user, request)
+        first_reply = launch(runtime, first)
         await asyncio.sleep(0.2)
         shutdown = runtime.begin_shutdown(0.1)
         while first_reply.stop_reason is None:  # the shutdown is stopping the replies it knows
             await asyncio.sleep(0.001)
-        late_reply = runtime.launch(late.start, late.context, provider)  # the late request's turn
+        late_reply = launch(runtime, late)  # the late request's turn
         await shutdown
         return late_reply, late_reply.task.done()  # asyncio.run would finish it on its way out
 
@@ -539,11 +551,8 @@ def test_a_reply_stopped_before_its_task_first_runs_still_stores_its_end(user, s
     request = parse_reply_request(b'{"message": "hi"}', "application/json", max_chars=100, max_bytes=1000)
 
     async def launch_and_stop_at_once() -> LiveReply:
-        runtime = GenerationRuntime()
-        await runtime.start()
-        provider = runtime.provider()
-        started = await run_db(services.reply_start, user=user, request=request, model=provider.model)
-        reply = runtime.launch(started.start, started.context, provider)
+        runtime = await running_runtime()
+        reply = launch(runtime, await store_reply(runtime, user, request))
         reply.request_stop("stopped")  # in the same step as the launch: its task has not run yet
         await reply.task
         await runtime.shutdown(0)
@@ -563,11 +572,8 @@ def test_a_stop_after_the_model_finished_keeps_the_reply_completed(model_server,
     request = parse_reply_request(body, "application/json", max_chars=10_000, max_bytes=100_000)
 
     async def stop_right_after_the_last_piece() -> LiveReply:
-        runtime = GenerationRuntime()
-        await runtime.start()
-        provider = runtime.provider()
-        started = await run_db(services.reply_start, user=user, request=request, model=provider.model)
-        reply = runtime.launch(started.start, started.context, provider)
+        runtime = await running_runtime()
+        reply = launch(runtime, await store_reply(runtime, user, request))
         while len(reply.pieces) < len(chunks):
             await asyncio.sleep(0.001)
         await asyncio.sleep(0.02)  # [DONE] came with the last piece; the body's end is 2 s away
