@@ -1,4 +1,4 @@
-"""Arm B, the Python floor: a minimal Starlette + httpx byte relay in front of the mock model.
+"""Arm B, the Python floor: a minimal Starlette + httpx-API byte relay in front of the mock model.
 
 No auth, no database, no parsing: the request body goes upstream as it came, and the upstream
 SSE bytes come back as they arrive (`aiter_raw`), one `send` per upstream read. It runs under
@@ -10,11 +10,13 @@ the same server as the sidecar (uvicorn with its defaults: uvloop + httptools) i
 The pool is unbounded (no queueing for a connection, upstream connections kept alive), so this
 is the best case for a Python relay on this machine.
 
-HTTP client: `httpx2` (the httpx fork the openai SDK — and so the sidecar — uses) by default;
-`RELAY_HTTP_CLIENT=httpx` selects httpx 0.28. httpx 0.28's pool (httpcore 1.x) scans every
-connection for every request (`_assign_requests_to_connections`, O(connections × requests)): at 512
-concurrent streams that scan took 83 % of the relay's CPU and collapsed it to ~900 tokens/s, which
-measures httpcore, not relaying. httpx2's pool does not have that cost.
+HTTP client (`RELAY_HTTP_CLIENT`): `aiohttp`, the default, is the openai SDK's own aiohttp transport
+(`openai.DefaultAioHttpClient`: the httpx2 API over aiohttp, which parses HTTP in C), the transport
+the sidecar calls the model through, so B and C differ only in what the sidecar adds. Rounds 1-4
+of docs/benchmarks.md used `httpx2` (the same API over its pure-Python h11 parser), which costs about
+twice as much per token and so made a weaker floor. `httpx` selects httpx 0.28, whose pool
+(httpcore 1.x) scans every connection for every request: at 512 concurrent streams that scan took
+83 % of the relay's CPU, which measures httpcore, not relaying.
 """
 
 from __future__ import annotations
@@ -27,23 +29,35 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-if os.environ.get("RELAY_HTTP_CLIENT", "httpx2") == "httpx":
+RELAY_HTTP_CLIENT = os.environ.get("RELAY_HTTP_CLIENT", "aiohttp")
+if RELAY_HTTP_CLIENT == "httpx":
     import httpx
 else:
     import httpx2 as httpx
 
 UPSTREAM = os.environ.get("RELAY_UPSTREAM", "http://127.0.0.1:9999")
 HTTP_CLIENT = f"{httpx.__name__} {httpx.__version__}"
+if RELAY_HTTP_CLIENT == "aiohttp":
+    import aiohttp
+    import openai
+
+    HTTP_CLIENT += f" + aiohttp {aiohttp.__version__} (openai {openai.__version__} DefaultAioHttpClient)"
 _client = None
 
 
 @asynccontextmanager
 async def lifespan(app: Starlette):
     global _client
-    _client = httpx.AsyncClient(
+    if RELAY_HTTP_CLIENT == "aiohttp":
+        # aiohttp reads max_connections=None as its own default of 100 connections: give it the
+        # sidecar's bound instead, so that no stream queues for a connection.
+        client_class, max_connections = openai.DefaultAioHttpClient, 10_000
+    else:
+        client_class, max_connections = httpx.AsyncClient, None
+    _client = client_class(
         base_url=UPSTREAM,
         timeout=httpx.Timeout(120.0, connect=10.0),
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=None, keepalive_expiry=300),
+        limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=None, keepalive_expiry=300),
     )
     yield
     await _client.aclose()

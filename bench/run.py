@@ -77,7 +77,7 @@ def profile_timing(profile: str) -> dict:
     }
 
 
-def start_relay(upstream_port: int, workdir: Path, http_client: str = "httpx2") -> tuple[subprocess.Popen, int]:
+def start_relay(upstream_port: int, workdir: Path, http_client: str = "aiohttp") -> tuple[subprocess.Popen, int]:
     port = free_port()
     env = {**os.environ, "RELAY_UPSTREAM": f"http://127.0.0.1:{upstream_port}", "PYTHONUNBUFFERED": "1",
            "RELAY_HTTP_CLIENT": http_client}
@@ -782,8 +782,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--py-spy-gil", action="store_true",
                         help="only samples holding the GIL (Python CPU work; excludes I/O waits and C code that "
                              "released the GIL, such as SQLite statements)")
-    parser.add_argument("--relay-client", choices=("httpx2", "httpx"), default="httpx2",
-                        help="HTTP client of the B relay (see bench/relay.py)")
+    parser.add_argument("--relay-client", choices=("aiohttp", "httpx2", "httpx"), default="aiohttp",
+                        help="HTTP client of the B relay (see bench/relay.py): the openai SDK's aiohttp "
+                             "transport, as the sidecar uses (default), or pure-Python httpx2 (rounds 1-4)")
     parser.add_argument("--candidate", type=Path, default=None, metavar="CHECKOUT",
                         help="a patched copy of the product: its sidecar is arm P, interleaved with C")
     parser.add_argument("--candidate-env", action="append", default=[], metavar="KEY=VALUE",

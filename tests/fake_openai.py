@@ -87,6 +87,9 @@ PROFILES: dict[str, dict[str, Any]] = {
     "instant": {"chunks": [f"w{i:03d} lorem ipsu " for i in range(64)]},
     # One delta at once: what a stream costs apart from its tokens (auth, rows, connections).
     "instant-1": {"chunks": ["w000 lorem ipsu "]},
+    # bench-64x16 ten times as long: what a paced token costs, with each reply's own cost spread
+    # over 640 tokens.
+    "bench-640x16": {"chunks": [f"w{i:03d} lorem ipsu " for i in range(640)], "delay_ms": 20},
     "silent": {"chunks": [], "hang": True},
 }
 
