@@ -226,3 +226,54 @@ def test_the_upstream_connection_is_reused_even_when_the_body_ends_after_done(en
         assert asyncio.run(two_replies()) == ["ab", "ab"]
         first, second = server.wait_for_requests(2)
     assert first.conn_id == second.conn_id
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "identity", None])
+def test_a_reply_is_read_whether_or_not_the_model_server_compresses_it(encoding):
+    """The SDK's client accepts gzip, and a proxy in front of a model server may use it: the stream
+    is then one gzip stream, flushed after every event, in chunks of HTTP/1.1 chunked encoding. The
+    provider reads the decoded bytes (it must not, say, split the compressed ones into lines)."""
+    import zlib
+
+    from ai_features.streaming.providers import OpenAIProvider
+
+    events = [
+        b'data: {"choices":[{"index":0,"delta":{"content":"Hel"}}]}\n\n',
+        b'data: {"choices":[{"index":0,"delta":{"content":"lo \xc3\xa9"}}]}\n\n',
+        b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n',
+        b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}\n\n',
+        b"data: [DONE]\n\n",
+    ]
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+        await reader.readexactly(length)
+        header = b"" if encoding is None else b"Content-Encoding: " + encoding.encode() + b"\r\n"
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n" + header + b"Transfer-Encoding: chunked\r\n\r\n")
+        compressor = zlib.compressobj(wbits=31)  # gzip framing
+        for event in events:
+            data = compressor.compress(event) + compressor.flush(zlib.Z_SYNC_FLUSH) if encoding == "gzip" else event
+            writer.write(b"%x\r\n%b\r\n" % (len(data), data))
+            await writer.drain()
+        if encoding == "gzip":
+            tail = compressor.flush()
+            writer.write(b"%x\r\n%b\r\n" % (len(tail), tail))
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async def one_reply():
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        provider = OpenAIProvider(api_key="k", base_url=f"http://127.0.0.1:{port}/v1", model="m", timeout_seconds=5)
+        try:
+            return [delta async for delta in provider.stream([{"role": "user", "content": "hi"}])]
+        finally:
+            await provider.aclose()
+            server.close()
+
+    deltas = asyncio.run(one_reply())
+    assert "".join(d.text for d in deltas) == "Hello é"
+    assert any(d.prompt_tokens == 3 and d.completion_tokens == 2 for d in deltas)
+    assert deltas[-1].finished
