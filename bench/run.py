@@ -356,7 +356,11 @@ class Bench:
             await self.step(arm, min(8, max(levels)), 1, record=False, tag="warmup")
         for level in levels:
             for round_ in range(args.rounds):
-                for arm in arms:
+                # Each round starts one arm later (A,B,C,D then B,C,D,A…), so that no arm keeps a
+                # position: an effect of order (what ran just before) would otherwise read as a
+                # difference between arms.
+                shift = round_ % len(arms)
+                for arm in arms[shift:] + arms[:shift]:
                     if arm == "D" and level > d_limit:
                         continue
                     rpw = self.requests_per_worker(level)
@@ -757,7 +761,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,8,32,128,512")
     parser.add_argument("--profile", default="bench-64x16", choices=sorted(PROFILES))
     parser.add_argument("--arms", default="A,B,C,D")
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds per concurrency (A,B,C,D,A,B,C,D…)")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds per concurrency, each starting one arm later (A,B,C,D,B,C,D,A…)")
     parser.add_argument("--requests-per-worker", type=int, default=2)
     parser.add_argument("--min-requests", type=int, default=12, help="at least this many requests per step")
     parser.add_argument("--step-seconds", type=float, default=20.0, help="no new request after this (per step)")
