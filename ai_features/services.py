@@ -5,7 +5,9 @@ The streaming core calls the reply functions from its database threads, never on
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 from dataclasses import dataclass
 from datetime import timedelta
 from http import HTTPStatus
@@ -32,6 +34,7 @@ def _sql(template: str) -> str:
     """A statement with its table names filled in from the models (quoted for the database)."""
     qn = connection.ops.quote_name
     return template.format(
+        conversation=qn(Conversation._meta.db_table),
         message=qn(Message._meta.db_table),
         chunk=qn(ReplyChunk._meta.db_table),
     )
@@ -97,6 +100,8 @@ def reply_start(*, user, request: ReplyRequest, model: str) -> ReplyStart:
     refuses gets the first reply too, since the first send is what filled the limit.
     """
     try:
+        if connection.vendor == "postgresql":
+            return _store_new_reply_in_one_statement(user=user, request=request, model=model)
         _check_rate_limits(user)
         with transaction.atomic():
             return _store_new_reply(user=user, request=request, model=model)
@@ -121,7 +126,10 @@ def _existing_reply(*, user, client_message_id: str | None) -> ReplyStart | None
 
 
 def _check_rate_limits(user) -> None:
-    live, recent = _limited_counts(user.pk)
+    _refuse_over_limits(*_limited_counts(user.pk))
+
+
+def _refuse_over_limits(live: int, recent: int) -> None:
     if live >= settings.MAX_CONCURRENT_REPLIES_PER_USER:
         raise ApiError(
             HTTPStatus.TOO_MANY_REQUESTS,
@@ -136,29 +144,30 @@ def _check_rate_limits(user) -> None:
         )
 
 
-def _limited_counts(user_id: int) -> tuple[int, int]:
-    """The user's replies still generating and messages of the last minute, each counted only up
-    to its limit (the answer is the same, and the work stays bounded however high a limit is set).
+# The user's replies still generating and messages of the last minute, each counted only up to its
+# limit (the answer is the same, and the work stays bounded however high a limit is set).
+_LIMITED_COUNTS = (
+    "(SELECT COUNT(*) FROM (SELECT 1 FROM {message} WHERE user_id = %s AND role = %s"
+    " AND status = %s AND lease_expires_at > %s LIMIT %s) AS live_rows) AS live,"
+    " (SELECT COUNT(*) FROM (SELECT 1 FROM {message} WHERE user_id = %s AND role = %s"
+    " AND created_at >= %s LIMIT %s) AS recent_rows) AS recent"
+)
 
-    Hand-written, like the other statements every new reply runs: building this as a queryset cost
-    ~300 µs of Python per send, the statement itself ~20 µs (SQLite) on a loop that relays tokens."""
-    now = timezone.now()
+
+def _limited_counts_params(user_id: int, now) -> list:
+    return [
+        user_id, Message.Role.ASSISTANT, Message.Status.STREAMING, _db_datetime(now),
+        max(settings.MAX_CONCURRENT_REPLIES_PER_USER, 0),  # PostgreSQL refuses LIMIT -1
+        user_id, Message.Role.USER, _db_datetime(now - timedelta(minutes=1)),
+        max(settings.RATE_LIMIT_MESSAGES_PER_MINUTE, 0),
+    ]
+
+
+def _limited_counts(user_id: int) -> tuple[int, int]:
+    """Hand-written, like the other statements every new reply runs: building this as a queryset
+    cost ~300 µs of Python per send, the statement itself ~20 µs (SQLite) on a loop that relays tokens."""
     with connection.cursor() as cursor:
-        cursor.execute(
-            _sql(
-                "SELECT"
-                " (SELECT COUNT(*) FROM (SELECT 1 FROM {message} WHERE user_id = %s AND role = %s"
-                "  AND status = %s AND lease_expires_at > %s LIMIT %s) AS live),"
-                " (SELECT COUNT(*) FROM (SELECT 1 FROM {message} WHERE user_id = %s AND role = %s"
-                "  AND created_at >= %s LIMIT %s) AS recent)"
-            ),
-            [
-                user_id, Message.Role.ASSISTANT, Message.Status.STREAMING, _db_datetime(now),
-                max(settings.MAX_CONCURRENT_REPLIES_PER_USER, 0),  # PostgreSQL refuses LIMIT -1
-                user_id, Message.Role.USER, _db_datetime(now - timedelta(minutes=1)),
-                max(settings.RATE_LIMIT_MESSAGES_PER_MINUTE, 0),
-            ],
-        )
+        cursor.execute(_sql("SELECT " + _LIMITED_COUNTS), _limited_counts_params(user_id, timezone.now()))
         live, recent = cursor.fetchone()
     return live, recent
 
@@ -174,39 +183,144 @@ def _store_new_reply(*, user, request: ReplyRequest, model: str) -> ReplyStart:
         if conversation is None:
             raise ApiError(HTTPStatus.NOT_FOUND, "Conversation not found.")
 
-    history = _history(conversation) if request.include_history and not is_new else []
-    user_message = Message.objects.create(
-        conversation=conversation,
+    history = _history(conversation, limit=_history_limit(request))
+    user_message, reply = _new_rows(user=user, request=request, model=model)
+    user_message.conversation = reply.conversation = conversation
+    user_message.save(force_insert=True)
+    reply.reply_to = user_message
+    reply.save(force_insert=True)
+    if not is_new:
+        conversation.save(update_fields=["updated_at"])  # a new one was stamped when created
+
+    start = StartEvent(conversation.pk, user_message.pk, reply.pk)
+    context = _context([(m.role, m.content) for m in history], request.message)
+    return ReplyStart(start=start, context=context, existing=False)
+
+
+def _context(history: list[tuple[str, str]], message: str) -> list[dict[str, str]]:
+    """What the model is sent: the system prompt, the earlier messages (oldest first), the new one."""
+    context: list[dict[str, str]] = []
+    if settings.SYSTEM_PROMPT:
+        context.append({"role": "system", "content": settings.SYSTEM_PROMPT})
+    context.extend({"role": role, "content": content} for role, content in history)
+    context.append({"role": "user", "content": message})
+    return context
+
+
+def _history_limit(request: ReplyRequest) -> int:
+    if not request.include_history or request.conversation_id is None:
+        return 0
+    return max(settings.MAX_CHAT_HISTORY, 0)
+
+
+def _new_rows(*, user, request: ReplyRequest, model: str) -> tuple[Message, Message]:
+    """The user's message and the streaming reply, as both store paths insert them."""
+    user_message = Message(
         user=user,
         role=Message.Role.USER,
         content=request.message,
         status=Message.Status.COMPLETED,
         client_message_id=request.client_message_id,
     )
-    reply = Message.objects.create(
-        conversation=conversation,
+    reply = Message(
         user=user,
         role=Message.Role.ASSISTANT,
         status=Message.Status.STREAMING,
         model=model,
-        reply_to=user_message,
         lease_expires_at=timezone.now() + timedelta(seconds=settings.GENERATION_LEASE_SECONDS),
     )
-    if not is_new:
-        conversation.save(update_fields=["updated_at"])  # a new one was stamped when created
-
-    context: list[dict[str, str]] = []
-    if settings.SYSTEM_PROMPT:
-        context.append({"role": "system", "content": settings.SYSTEM_PROMPT})
-    context.extend({"role": m.role, "content": m.content} for m in history)
-    context.append({"role": "user", "content": request.message})
-    start = StartEvent(conversation.pk, user_message.pk, reply.pk)
-    return ReplyStart(start=start, context=context, existing=False)
+    return user_message, reply
 
 
-def _history(conversation: Conversation) -> list[Message]:
+def _insert_values(obj, *, skip: tuple[str, ...] = ()) -> tuple[str, str, list]:
+    """Columns, placeholders and values as the ORM would insert `obj`: every concrete field but the
+    primary key and `skip`, with its default or auto_now stamp (pre_save) adapted for the database.
+    Each placeholder is cast to its column's type: in `INSERT … SELECT` an untyped literal (a string,
+    a NULL) would be read as text, which a timestamp or integer column refuses."""
+    fields = [f for f in obj._meta.concrete_fields if not f.primary_key and f.attname not in skip]
+    columns = ", ".join(connection.ops.quote_name(f.column) for f in fields)
+    placeholders = ", ".join(f"%s::{f.cast_db_type(connection)}" for f in fields)
+    values = [f.get_db_prep_save(f.pre_save(obj, True), connection) for f in fields]
+    return columns, placeholders, values
+
+
+def _store_new_reply_in_one_statement(*, user, request: ReplyRequest, model: str) -> ReplyStart:
+    """PostgreSQL: what `_check_rate_limits` and `_store_new_reply` do, in one statement.
+
+    On a hosted database every statement is a network round trip, and these were six to eight of
+    them (the limits, BEGIN, the conversation's lock or insert, the history, two inserts, the
+    conversation's stamp, COMMIT) before a reply's first token. Data-modifying CTEs do it in one, and
+    a statement is atomic by itself, so no transaction is opened. The rows are the ORM's own (model
+    instances, their defaults and stamps), only inserted by hand.
+
+    One difference: the history is read in the statement's snapshot, taken before the conversation's
+    lock is granted, so a message sent to the same conversation at the same moment from another tab
+    may be missing from this reply's context (the ORM path reads the history after the lock).
+    """
+    now = timezone.now()
+    user_message, reply = _new_rows(user=user, request=request, model=model)
+    params: list = _limited_counts_params(user.pk, now)
+    allowed = "lim.live < %s AND lim.recent < %s"
+    allowed_params = [settings.MAX_CONCURRENT_REPLIES_PER_USER, settings.RATE_LIMIT_MESSAGES_PER_MINUTE]
+    if request.conversation_id is None:
+        conversation = Conversation(user=user, title=_title_from(request.message))
+        columns, placeholders, values = _insert_values(conversation)
+        conversation_ctes = (
+            f"target AS (INSERT INTO {{conversation}} ({columns}) SELECT {placeholders} FROM lim"
+            f" WHERE {allowed} RETURNING id), found AS (SELECT id FROM target)"
+        )
+        params += values + allowed_params
+    else:
+        conversation_ctes = (
+            "found AS (SELECT id FROM {conversation} WHERE id = %s AND user_id = %s FOR UPDATE),"
+            f" target AS (SELECT found.id FROM found, lim WHERE {allowed}),"
+            " stamp AS (UPDATE {conversation} SET updated_at = %s WHERE id IN (SELECT id FROM target))"
+        )
+        params += [request.conversation_id, user.pk, *allowed_params, _db_datetime(now)]
+    # Before the inserts in the same snapshot, so the new message is not part of its own history.
+    history_cte = (
+        "hist AS (SELECT role, content, created_at, id FROM {message} WHERE conversation_id IN"
+        " (SELECT id FROM target) AND content <> '' AND role IN (%s, %s)"
+        " ORDER BY created_at DESC, id DESC LIMIT %s)"
+    )
+    params += [Message.Role.USER, Message.Role.ASSISTANT, _history_limit(request)]
+    columns, placeholders, values = _insert_values(user_message, skip=("conversation_id",))
+    user_message_cte = (
+        f"um AS (INSERT INTO {{message}} (conversation_id, {columns}) SELECT target.id, {placeholders}"
+        " FROM target RETURNING id, conversation_id)"
+    )
+    params += values
+    columns, placeholders, values = _insert_values(reply, skip=("conversation_id", "reply_to_id"))
+    reply_cte = (
+        f"rm AS (INSERT INTO {{message}} (conversation_id, reply_to_id, {columns})"
+        f" SELECT um.conversation_id, um.id, {placeholders} FROM um RETURNING id)"
+    )
+    params += values
+    statement = (
+        f"WITH lim AS (SELECT {_LIMITED_COUNTS}), {conversation_ctes}, {history_cte},"
+        f" {user_message_cte}, {reply_cte}"
+        " SELECT lim.live, lim.recent, (SELECT id FROM found), (SELECT id FROM um), (SELECT id FROM rm),"
+        " (SELECT json_agg(json_build_array(hist.role, hist.content) ORDER BY hist.created_at, hist.id)"
+        "  FROM hist)"
+        " FROM lim"
+    )
+    # Inside a caller's transaction (tests, a view's atomic block) a failed statement must not
+    # poison it: a savepoint, as the ORM path's atomic() would be. On its own it needs none.
+    savepoint = transaction.atomic() if connection.in_atomic_block else contextlib.nullcontext()
+    with savepoint, connection.cursor() as cursor:
+        cursor.execute(_sql(statement), params)
+        live, recent, conversation_id, user_message_id, reply_id, history = cursor.fetchone()
+    _refuse_over_limits(live, recent)
+    if conversation_id is None:
+        raise ApiError(HTTPStatus.NOT_FOUND, "Conversation not found.")
+    if isinstance(history, str):
+        history = json.loads(history)
+    start = StartEvent(conversation_id, user_message_id, reply_id)
+    return ReplyStart(start=start, context=_context([tuple(pair) for pair in history or ()], request.message), existing=False)
+
+
+def _history(conversation: Conversation, *, limit: int) -> list[Message]:
     """The most recent earlier messages that have text (partial replies count), oldest first."""
-    limit = settings.MAX_CHAT_HISTORY
     if limit <= 0:
         return []
     recent = (

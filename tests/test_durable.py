@@ -463,7 +463,9 @@ class WriteCounter:
     """Counts INSERT/UPDATE/DELETE statements on every connection opened while installed, whatever
     thread opens it (the runtime's writes run on its database threads, not the test's)."""
 
-    TABLE = re.compile(r'^\s*(INSERT\s+INTO|UPDATE|DELETE\s+FROM)\s+"?(\w+)"?', re.IGNORECASE)
+    # Anywhere in the statement: on PostgreSQL a new reply's rows are inserted by one statement of
+    # data-modifying CTEs (WITH … INSERT … INSERT …); "FOR UPDATE" is a lock, not a write.
+    TABLE = re.compile(r'(?<!FOR )\b(INSERT\s+INTO|UPDATE|DELETE\s+FROM)\s+"?(\w+)"?', re.IGNORECASE)
 
     def __init__(self) -> None:
         self.counts: Counter[tuple[str, str]] = Counter()
@@ -474,10 +476,9 @@ class WriteCounter:
 
     def __call__(self, execute, sql, params, many, context):
         if self.active:
-            match = self.TABLE.match(sql)
             with self._lock:
                 self.statements += 1
-                if match:
+                for match in self.TABLE.finditer(sql):
                     self.counts[(match.group(1).split()[0].upper(), match.group(2))] += 1
         return execute(sql, params, many, context)
 

@@ -1,0 +1,133 @@
+"""Storing a new reply: on PostgreSQL one statement does what the ORM path does in six to eight.
+
+Each statement is a network round trip on a hosted database, before the reply's first token. The
+one-statement path must store exactly the rows the ORM path stores, refuse exactly what it refuses,
+and store nothing when it refuses.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from http import HTTPStatus
+
+import pytest
+from django.db import connection, transaction
+from django.test.utils import CaptureQueriesContext
+
+from ai_features import services
+from ai_features.models import Conversation, Message
+from ai_features.streaming.validation import ApiError, ReplyRequest
+
+pytestmark = pytest.mark.django_db
+
+postgresql_only = pytest.mark.skipif(connection.vendor != "postgresql", reason="the one-statement path is PostgreSQL's")
+
+
+def store_with_the_orm(user, request: ReplyRequest) -> services.ReplyStart:
+    services._check_rate_limits(user)
+    with transaction.atomic():
+        return services._store_new_reply(user=user, request=request, model="m")
+
+
+def store_in_one_statement(user, request: ReplyRequest) -> services.ReplyStart:
+    return services._store_new_reply_in_one_statement(user=user, request=request, model="m")
+
+
+def a_conversation_with_history(user) -> Conversation:
+    conversation = Conversation.objects.create(user=user, title="earlier")
+    for role, content in [("user", "first"), ("assistant", "one"), ("user", "second"), ("assistant", ""),
+                          ("assistant", "partial reply")]:
+        Message.objects.create(conversation=conversation, user=user, role=role, content=content)
+    return conversation
+
+
+def stored(start: services.ReplyStart) -> dict:
+    """The rows a reply start stored, as comparable values (ids and stamps aside)."""
+    def values(obj, *skip):
+        return {f.attname: getattr(obj, f.attname) for f in obj._meta.concrete_fields
+                if not f.primary_key and f.attname not in skip}
+
+    stamps = ("created_at", "updated_at", "lease_expires_at", "conversation_id", "reply_to_id", "user_id")
+    conversation = Conversation.objects.get(pk=start.start.conversation_id)
+    user_message = Message.objects.get(pk=start.start.user_message_id)
+    reply = Message.objects.get(pk=start.start.assistant_message_id)
+    assert user_message.conversation_id == reply.conversation_id == conversation.pk
+    assert reply.reply_to_id == user_message.pk
+    assert reply.lease_expires_at is not None and conversation.updated_at >= conversation.created_at
+    return {
+        "conversation": values(conversation, "created_at", "updated_at", "user_id"),
+        "user_message": values(user_message, *stamps),
+        "reply": values(reply, *stamps),
+        "context": start.context,
+    }
+
+
+@postgresql_only
+@pytest.mark.parametrize("follow_up", [False, True])
+def test_one_statement_stores_what_the_orm_stores(user, follow_up, settings):
+    settings.MAX_CHAT_HISTORY = 3
+    conversations = [a_conversation_with_history(user) if follow_up else None for _ in range(2)]
+    results = []
+    for store, conversation, client_id in [(store_with_the_orm, conversations[0], "a"),
+                                           (store_in_one_statement, conversations[1], "b")]:
+        request = ReplyRequest(message="What next?", conversation_id=conversation.pk if conversation else None,
+                               client_message_id=client_id)
+        results.append(stored(store(user, request)))
+    for result, client_id in zip(results, "ab"):
+        assert result["user_message"].pop("client_message_id") == client_id
+        result["conversation"].pop("title")  # "earlier" (follow-ups) or from the message (new)
+    assert results[0] == results[1]
+    if follow_up:
+        # The last three messages with text, oldest first; the empty reply does not count.
+        assert [m["content"] for m in results[1]["context"][1:-1]] == ["one", "second", "partial reply"]
+
+
+@postgresql_only
+def test_a_follow_up_stamps_its_conversation(user):
+    conversation = a_conversation_with_history(user)
+    Conversation.objects.filter(pk=conversation.pk).update(updated_at=conversation.updated_at - timedelta(hours=1))
+    before = Conversation.objects.get(pk=conversation.pk).updated_at
+
+    store_in_one_statement(user, ReplyRequest(message="again", conversation_id=conversation.pk))
+
+    assert Conversation.objects.get(pk=conversation.pk).updated_at > before
+
+
+@postgresql_only
+@pytest.mark.django_db(transaction=True)  # autocommit, as on the database threads: no savepoint
+@pytest.mark.parametrize("follow_up", [False, True])
+def test_a_new_reply_is_one_statement_on_postgresql(user, follow_up):
+    conversation = a_conversation_with_history(user) if follow_up else None
+    request = ReplyRequest(message="hi", conversation_id=conversation.pk if conversation else None)
+
+    with CaptureQueriesContext(connection) as queries:
+        services.reply_start(user=user, request=request, model="m")
+
+    assert len(queries) == 1
+
+
+def row_counts() -> tuple[int, int]:
+    return Conversation.objects.count(), Message.objects.count()
+
+
+@pytest.mark.parametrize("follow_up", [False, True])
+def test_a_refused_reply_stores_nothing(user, other_user, follow_up, settings):
+    """Both paths, whichever database runs the tests: over a limit (429) or someone else's
+    conversation (404), nothing is stored, and the limit is reported before the 404."""
+    theirs = a_conversation_with_history(other_user)
+    request = ReplyRequest(message="hi", conversation_id=theirs.pk if follow_up else None)
+    counts = row_counts()
+
+    settings.RATE_LIMIT_MESSAGES_PER_MINUTE = 0
+    with pytest.raises(ApiError) as refused:
+        services.reply_start(user=user, request=request, model="m")
+    assert refused.value.status == HTTPStatus.TOO_MANY_REQUESTS
+    assert row_counts() == counts
+
+    settings.RATE_LIMIT_MESSAGES_PER_MINUTE = 100
+    if follow_up:
+        with pytest.raises(ApiError) as refused:
+            services.reply_start(user=user, request=request, model="m")
+        assert refused.value.status == HTTPStatus.NOT_FOUND
+        assert row_counts() == counts
+        assert Conversation.objects.get(pk=theirs.pk).updated_at == theirs.updated_at
