@@ -236,12 +236,20 @@ def _insert_values(obj, *, skip: tuple[str, ...] = ()) -> tuple[str, str, list]:
     """Columns, placeholders and values as the ORM would insert `obj`: every concrete field but the
     primary key and `skip`, with its default or auto_now stamp (pre_save) adapted for the database.
     Each placeholder is cast to its column's type: in `INSERT … SELECT` an untyped literal (a string,
-    a NULL) would be read as text, which a timestamp or integer column refuses."""
+    a NULL) would be read as text, which a timestamp or integer column refuses. Text is cast to
+    varchar without a length, since a cast to varchar(n) cuts a longer value short where the column
+    itself refuses it, as the ORM's INSERT does."""
     fields = [f for f in obj._meta.concrete_fields if not f.primary_key and f.attname not in skip]
     columns = ", ".join(connection.ops.quote_name(f.column) for f in fields)
-    placeholders = ", ".join(f"%s::{f.cast_db_type(connection)}" for f in fields)
+    placeholders = ", ".join(f"%s::{_cast_type(f)}" for f in fields)
     values = [f.get_db_prep_save(f.pre_save(obj, True), connection) for f in fields]
     return columns, placeholders, values
+
+
+def _cast_type(field) -> str:
+    if field.get_internal_type() == "CharField":
+        return connection.ops.cast_char_field_without_max_length
+    return field.cast_db_type(connection)
 
 
 def _store_new_reply_in_one_statement(*, user, request: ReplyRequest, model: str) -> ReplyStart:
@@ -250,8 +258,9 @@ def _store_new_reply_in_one_statement(*, user, request: ReplyRequest, model: str
     On a hosted database every statement is a network round trip, and these were six to eight of
     them (the limits, BEGIN, the conversation's lock or insert, the history, two inserts, the
     conversation's stamp, COMMIT) before a reply's first token. Data-modifying CTEs do it in one, and
-    a statement is atomic by itself, so no transaction is opened. The rows are the ORM's own (model
-    instances, their defaults and stamps), only inserted by hand.
+    a statement is atomic by itself, so no transaction is opened. The rows are built as the ORM builds
+    them (model instances, their defaults and stamps) and inserted by hand, so no save signals fire
+    (none are registered). A refused request locks, stamps and stores nothing.
 
     One difference: the history is read in the statement's snapshot, taken before the conversation's
     lock is granted, so a message sent to the same conversation at the same moment from another tab
@@ -271,12 +280,15 @@ def _store_new_reply_in_one_statement(*, user, request: ReplyRequest, model: str
         )
         params += values + allowed_params
     else:
+        # Locked only when the limits allow: a refusal is a 429 whether or not the conversation exists.
         conversation_ctes = (
-            "found AS (SELECT id FROM {conversation} WHERE id = %s AND user_id = %s FOR UPDATE),"
-            f" target AS (SELECT found.id FROM found, lim WHERE {allowed}),"
+            "target AS (SELECT c.id FROM {conversation} AS c, lim WHERE c.id = %s AND c.user_id = %s"
+            f" AND {allowed} FOR UPDATE OF c), found AS (SELECT id FROM target),"
             " stamp AS (UPDATE {conversation} SET updated_at = %s WHERE id IN (SELECT id FROM target))"
         )
-        params += [request.conversation_id, user.pk, *allowed_params, _db_datetime(now)]
+        # Stamped after its new messages are, as the ORM path's save(update_fields=["updated_at"]).
+        params += [request.conversation_id, user.pk, *allowed_params, None]
+        stamp_at = len(params) - 1
     # Before the inserts in the same snapshot, so the new message is not part of its own history.
     history_cte = (
         "hist AS (SELECT role, content, created_at, id FROM {message} WHERE conversation_id IN"
@@ -291,6 +303,8 @@ def _store_new_reply_in_one_statement(*, user, request: ReplyRequest, model: str
     )
     params += values
     columns, placeholders, values = _insert_values(reply, skip=("conversation_id", "reply_to_id"))
+    if request.conversation_id is not None:
+        params[stamp_at] = _db_datetime(timezone.now())
     reply_cte = (
         f"rm AS (INSERT INTO {{message}} (conversation_id, reply_to_id, {columns})"
         f" SELECT um.conversation_id, um.id, {placeholders} FROM um RETURNING id)"
