@@ -6,8 +6,6 @@ The streaming core calls the reply functions from its database threads, never on
 from __future__ import annotations
 
 import contextlib
-import functools
-import json
 from dataclasses import dataclass
 from datetime import timedelta
 from http import HTTPStatus
@@ -17,6 +15,7 @@ from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from . import selectors
+from .sql import db_datetime, statement
 from .models import Conversation, Message, ReplyChunk
 from .streaming.events import ReplyOutcome, StartEvent
 from .streaming.validation import ApiError, ReplyRequest
@@ -24,25 +23,6 @@ from .streaming.validation import ApiError, ReplyRequest
 TITLE_LENGTH = 60
 # The runtime flushes a reply's buffer when it holds this many pieces, whatever the clock says.
 MAX_PIECES_PER_CHUNK = 256
-
-
-# --- Hand-written SQL ----------------------------------------------------------------------------
-
-
-@functools.cache
-def _sql(template: str) -> str:
-    """A statement with its table names filled in from the models (quoted for the database)."""
-    qn = connection.ops.quote_name
-    return template.format(
-        conversation=qn(Conversation._meta.db_table),
-        message=qn(Message._meta.db_table),
-        chunk=qn(ReplyChunk._meta.db_table),
-    )
-
-
-def _db_datetime(value):
-    """A datetime as the ORM would store it (SQLite keeps naive UTC text and compares it as text)."""
-    return connection.ops.adapt_datetimefield_value(value)
 
 
 # --- Conversations -----------------------------------------------------------------------------
@@ -156,18 +136,17 @@ _LIMITED_COUNTS = (
 
 def _limited_counts_params(user_id: int, now) -> list:
     return [
-        user_id, Message.Role.ASSISTANT, Message.Status.STREAMING, _db_datetime(now),
+        user_id, Message.Role.ASSISTANT, Message.Status.STREAMING, db_datetime(now),
         max(settings.MAX_CONCURRENT_REPLIES_PER_USER, 0),  # PostgreSQL refuses LIMIT -1
-        user_id, Message.Role.USER, _db_datetime(now - timedelta(minutes=1)),
+        user_id, Message.Role.USER, db_datetime(now - timedelta(minutes=1)),
         max(settings.RATE_LIMIT_MESSAGES_PER_MINUTE, 0),
     ]
 
 
 def _limited_counts(user_id: int) -> tuple[int, int]:
-    """Hand-written, like the other statements every new reply runs: building this as a queryset
-    cost ~300 µs of Python per send, the statement itself ~20 µs (SQLite) on a loop that relays tokens."""
+    """Hand-written, like the other statements every reply runs (ai_features/sql.py)."""
     with connection.cursor() as cursor:
-        cursor.execute(_sql("SELECT " + _LIMITED_COUNTS), _limited_counts_params(user_id, timezone.now()))
+        cursor.execute(statement("SELECT " + _LIMITED_COUNTS), _limited_counts_params(user_id, timezone.now()))
         live, recent = cursor.fetchone()
     return live, recent
 
@@ -267,70 +246,66 @@ def _store_new_reply_in_one_statement(*, user, request: ReplyRequest, model: str
     may be missing from this reply's context (the ORM path reads the history after the lock).
     """
     now = timezone.now()
+    is_new = request.conversation_id is None
+    # Stamps in the ORM path's order: a new conversation, then the question, then the reply.
+    if is_new:
+        columns, placeholders, values = _insert_values(Conversation(user=user, title=_title_from(request.message)))
     user_message, reply = _new_rows(user=user, request=request, model=model)
-    params: list = _limited_counts_params(user.pk, now)
+    user_message_columns, user_message_placeholders, user_message_values = _insert_values(
+        user_message, skip=("conversation_id",)
+    )
+    reply_columns, reply_placeholders, reply_values = _insert_values(reply, skip=("conversation_id", "reply_to_id"))
     allowed = "lim.live < %s AND lim.recent < %s"
     allowed_params = [settings.MAX_CONCURRENT_REPLIES_PER_USER, settings.RATE_LIMIT_MESSAGES_PER_MINUTE]
-    if request.conversation_id is None:
-        conversation = Conversation(user=user, title=_title_from(request.message))
-        columns, placeholders, values = _insert_values(conversation)
-        conversation_ctes = (
+    if is_new:
+        target = (
             f"target AS (INSERT INTO {{conversation}} ({columns}) SELECT {placeholders} FROM lim"
-            f" WHERE {allowed} RETURNING id), found AS (SELECT id FROM target)"
+            f" WHERE {allowed} RETURNING id)"
         )
-        params += values + allowed_params
+        target_params = [*values, *allowed_params]
     else:
-        # Locked only when the limits allow: a refusal is a 429 whether or not the conversation exists.
-        conversation_ctes = (
+        # Locked only when the limits allow, and stamped after its new messages, as the ORM path's
+        # save(update_fields=["updated_at"]).
+        target = (
             "target AS (SELECT c.id FROM {conversation} AS c, lim WHERE c.id = %s AND c.user_id = %s"
-            f" AND {allowed} FOR UPDATE OF c), found AS (SELECT id FROM target),"
+            f" AND {allowed} FOR UPDATE OF c),"
             " stamp AS (UPDATE {conversation} SET updated_at = %s WHERE id IN (SELECT id FROM target))"
         )
-        # Stamped after its new messages are, as the ORM path's save(update_fields=["updated_at"]).
-        params += [request.conversation_id, user.pk, *allowed_params, None]
-        stamp_at = len(params) - 1
-    # Before the inserts in the same snapshot, so the new message is not part of its own history.
-    history_cte = (
-        "hist AS (SELECT role, content, created_at, id FROM {message} WHERE conversation_id IN"
-        " (SELECT id FROM target) AND content <> '' AND role IN (%s, %s)"
-        " ORDER BY created_at DESC, id DESC LIMIT %s)"
-    )
-    params += [Message.Role.USER, Message.Role.ASSISTANT, _history_limit(request)]
-    columns, placeholders, values = _insert_values(user_message, skip=("conversation_id",))
-    user_message_cte = (
-        f"um AS (INSERT INTO {{message}} (conversation_id, {columns}) SELECT target.id, {placeholders}"
-        " FROM target RETURNING id, conversation_id)"
-    )
-    params += values
-    columns, placeholders, values = _insert_values(reply, skip=("conversation_id", "reply_to_id"))
-    if request.conversation_id is not None:
-        params[stamp_at] = _db_datetime(timezone.now())
-    reply_cte = (
-        f"rm AS (INSERT INTO {{message}} (conversation_id, reply_to_id, {columns})"
-        f" SELECT um.conversation_id, um.id, {placeholders} FROM um RETURNING id)"
-    )
-    params += values
-    statement = (
-        f"WITH lim AS (SELECT {_LIMITED_COUNTS}), {conversation_ctes}, {history_cte},"
-        f" {user_message_cte}, {reply_cte}"
-        " SELECT lim.live, lim.recent, (SELECT id FROM found), (SELECT id FROM um), (SELECT id FROM rm),"
+        target_params = [request.conversation_id, user.pk, *allowed_params, db_datetime(timezone.now())]
+    sql = statement(
+        f"WITH lim AS (SELECT {_LIMITED_COUNTS}), {target},"
+        # In the snapshot before the inserts, so the new message is not part of its own history.
+        " hist AS (SELECT role, content, created_at, id FROM {message} WHERE conversation_id IN"
+        "  (SELECT id FROM target) AND content <> '' AND role IN (%s, %s)"
+        "  ORDER BY created_at DESC, id DESC LIMIT %s),"
+        f" um AS (INSERT INTO {{message}} (conversation_id, {user_message_columns})"
+        f"  SELECT target.id, {user_message_placeholders} FROM target RETURNING id, conversation_id),"
+        f" rm AS (INSERT INTO {{message}} (conversation_id, reply_to_id, {reply_columns})"
+        f"  SELECT um.conversation_id, um.id, {reply_placeholders} FROM um RETURNING id)"
+        " SELECT lim.live, lim.recent, (SELECT id FROM target), (SELECT id FROM um), (SELECT id FROM rm),"
         " (SELECT json_agg(json_build_array(hist.role, hist.content) ORDER BY hist.created_at, hist.id)"
         "  FROM hist)"
         " FROM lim"
     )
+    params = [
+        *_limited_counts_params(user.pk, now),
+        *target_params,
+        Message.Role.USER, Message.Role.ASSISTANT, _history_limit(request),
+        *user_message_values,
+        *reply_values,
+    ]
     # Inside a caller's transaction (tests, a view's atomic block) a failed statement must not
     # poison it: a savepoint, as the ORM path's atomic() would be. On its own it needs none.
     savepoint = transaction.atomic() if connection.in_atomic_block else contextlib.nullcontext()
     with savepoint, connection.cursor() as cursor:
-        cursor.execute(_sql(statement), params)
+        cursor.execute(sql, params)
         live, recent, conversation_id, user_message_id, reply_id, history = cursor.fetchone()
     _refuse_over_limits(live, recent)
     if conversation_id is None:
         raise ApiError(HTTPStatus.NOT_FOUND, "Conversation not found.")
-    if isinstance(history, str):
-        history = json.loads(history)
     start = StartEvent(conversation_id, user_message_id, reply_id)
-    return ReplyStart(start=start, context=_context([tuple(pair) for pair in history or ()], request.message), existing=False)
+    context = _context([(role, content) for role, content in history or ()], request.message)
+    return ReplyStart(start=start, context=context, existing=False)
 
 
 def _history(conversation: Conversation, *, limit: int) -> list[Message]:
@@ -400,7 +375,7 @@ def _insert_log_rows(batches: list[LogBatch]) -> None:
     pieces_field = ReplyChunk._meta.get_field("pieces")
     rows = [(b.message_id, b.first_seq, pieces_field.get_db_prep_save(b.pieces, connection)) for b in batches]
     with connection.cursor() as cursor:
-        cursor.executemany(_sql("INSERT INTO {chunk} (message_id, first_seq, pieces) VALUES (%s, %s, %s)"), rows)
+        cursor.executemany(statement("INSERT INTO {chunk} (message_id, first_seq, pieces) VALUES (%s, %s, %s)"), rows)
 
 
 @dataclass(frozen=True, slots=True)
@@ -416,12 +391,12 @@ def reply_finish(finish: ReplyFinish) -> bool:
     """Write the last pieces and the final row in one transaction, so a watcher that sees the
     terminal status also sees every piece. False when the row was no longer streaming.
 
-    The update is hand-written for the same reason as `_limited_counts`: every reply runs it."""
+    The update is hand-written, like the other statements every reply runs (ai_features/sql.py)."""
     outcome = finish.outcome
-    now = _db_datetime(timezone.now())
+    now = db_datetime(timezone.now())
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute(
-            _sql(
+            statement(
                 "UPDATE {message} SET status = %s, content = %s, model = %s, prompt_tokens = %s,"
                 " completion_tokens = %s, error_code = %s, error_message = %s, ttft_ms = %s,"
                 " duration_ms = %s, lease_expires_at = NULL, finished_at = %s, updated_at = %s"
