@@ -196,3 +196,12 @@ def test_a_value_too_long_for_its_column_is_refused_not_cut_short(user):
     with pytest.raises(DataError):
         services._store_new_reply_in_one_statement(user=user, request=ReplyRequest(message="hi"), model="m" * 101)
     assert row_counts() == counts
+
+
+@pytest.mark.parametrize("conversation_id", [2**63, 2**70])
+def test_a_conversation_id_past_the_database_integers_is_not_found(user, conversation_id):
+    counts = row_counts()
+    with pytest.raises(ApiError) as refused:
+        services.reply_start(user=user, request=ReplyRequest(message="hi", conversation_id=conversation_id), model="m")
+    assert refused.value.status == HTTPStatus.NOT_FOUND
+    assert row_counts() == counts
