@@ -14,16 +14,22 @@ from django.db import connection
 
 @functools.cache
 def statement(template: str) -> str:
-    """`template` with {conversation}, {message}, {chunk} and {session} filled in with the models'
-    table names, quoted for the database. Built once per template."""
+    """`template` with {conversation}, {message}, {chunk}, {session} and {user} filled in with the
+    models' table names, and {user_<field>} with the user model's column names, quoted for the
+    database. Built once per template."""
+    from django.contrib.auth import get_user_model
+
     from .models import ChatSession, Conversation, Message, ReplyChunk
 
     qn = connection.ops.quote_name
+    user_model = get_user_model()
     return template.format(
         conversation=qn(Conversation._meta.db_table),
         message=qn(Message._meta.db_table),
         chunk=qn(ReplyChunk._meta.db_table),
         session=qn(ChatSession._meta.db_table),
+        user=qn(user_model._meta.db_table),
+        **{f"user_{field.name}": qn(field.column) for field in user_model._meta.concrete_fields},
     )
 
 

@@ -56,6 +56,10 @@ def test_a_token_survives_a_secret_key_rotation_but_not_a_forgery(user, settings
     settings.SECRET_KEY_FALLBACKS = [settings.SECRET_KEY]
     settings.SECRET_KEY = "a-new-secret-key-after-rotation-" + "x" * 30
     assert stream_auth.user_from_stream_token(token) == user
+    assert stream_auth.user_from_session_key(session_key) == user
+    # Verifying writes nothing: Django's get_user() would have cycled the session key here (a new
+    # row, the cookie's deleted), and the sidecar's new cookie never reaches the page.
+    assert SessionStore().exists(session_key)
     settings.SECRET_KEY_FALLBACKS = []
     assert stream_auth.user_from_stream_token(token) is None
     assert stream_auth.user_from_stream_token(token[:-2] + "AA") is None
@@ -82,12 +86,54 @@ def test_a_token_does_not_carry_the_session_key(user):
     assert session_key.encode() not in raw
 
 
+def test_a_token_costs_one_query_and_checks_what_django_checks(user, django_assert_num_queries):
+    session_key = login_session(user)
+    token, _ = stream_auth.mint_stream_token(user=user, session_key=session_key)
+    with django_assert_num_queries(1):  # the session and the user row together
+        found = stream_auth.user_from_stream_token(token)
+    assert found == user and found.is_active is True
+    assert found.username == user.username  # the fields not loaded load on use
+
+
+def test_a_token_naming_another_user_than_its_session_is_refused(user, other_user):
+    # Even when both share a password hash, so that the session-hash check alone would pass.
+    other_user.password = user.password
+    other_user.save()
+    token, _ = stream_auth.mint_stream_token(user=other_user, session_key=login_session(user))
+    assert stream_auth.user_from_stream_token(token) is None
+
+
+def test_a_token_of_a_deleted_user_is_refused(user):
+    token, _ = stream_auth.mint_stream_token(user=user, session_key=login_session(user))
+    user.delete()
+    assert stream_auth.user_from_stream_token(token) is None
+
+
+def test_a_session_of_a_backend_no_longer_configured_is_refused(user, settings):
+    session_key = login_session(user)
+    token, _ = stream_auth.mint_stream_token(user=user, session_key=session_key)
+    settings.AUTHENTICATION_BACKENDS = ["django.contrib.auth.backends.AllowAllUsersModelBackend"]
+    assert stream_auth.user_from_stream_token(token) is None
+    assert stream_auth.user_from_session_key(session_key) is None
+
+
+def test_a_session_without_its_hash_is_refused(user):
+    session_key = login_session(user)
+    token, _ = stream_auth.mint_stream_token(user=user, session_key=session_key)
+    store = SessionStore(session_key=session_key)
+    del store["_auth_user_hash"]
+    store.save()
+    assert stream_auth.user_from_stream_token(token) is None
+    assert stream_auth.user_from_session_key(session_key) is None
+
+
 def test_an_inactive_user_is_refused(user):
     session_key = login_session(user)
     token, _ = stream_auth.mint_stream_token(user=user, session_key=session_key)
     user.is_active = False
     user.save()
     assert stream_auth.user_from_stream_token(token) is None
+    assert stream_auth.user_from_session_key(session_key) is None
 
 
 # --- The sidecar's HTTP rules ------------------------------------------------------------------------
