@@ -1,0 +1,98 @@
+"""Ending a reply: the final row and the last log rows land together or not at all.
+
+On PostgreSQL both are one statement (one round trip before `done` on a hosted database instead of
+BEGIN, UPDATE, INSERT and COMMIT); SQLite keeps the transaction. Both must store the same thing.
+"""
+
+from __future__ import annotations
+
+import pytest
+from django.db import IntegrityError, connection, transaction
+from django.test.utils import CaptureQueriesContext
+
+from ai_features import services
+from ai_features.models import Message, ReplyChunk
+from ai_features.streaming.events import ReplyOutcome
+from ai_features.streaming.validation import ReplyRequest
+
+pytestmark = pytest.mark.django_db
+
+
+def a_streaming_reply(user) -> int:
+    started = services.reply_start(user=user, request=ReplyRequest(message="hi"), model="m")
+    return started.start.assistant_message_id
+
+
+def finish(message_id: int, pieces: list[str], *, logged: int = 0, status: str = "completed") -> bool:
+    outcome = ReplyOutcome(message_id=message_id, status=status, model="m", prompt_tokens=3,
+                           completion_tokens=len(pieces), error_code="", error_message="")
+    return services.reply_finish(services.ReplyFinish(
+        outcome=outcome,
+        content="".join(pieces),
+        last_batches=services.log_batches(message_id, pieces, logged=logged),
+        ttft_ms=12,
+        duration_ms=345,
+    ))
+
+
+def logged_pieces(message_id: int) -> list[str]:
+    return [text for _, text in services.reply_pieces(message_id=message_id, after=0)]
+
+
+# No pieces; the last ones after an earlier flush; more than one log row's worth (several rows).
+@pytest.mark.parametrize("count, flushed", [(0, 0), (5, 2), (services.MAX_PIECES_PER_CHUNK * 2 + 3, 7)])
+def test_the_final_row_and_the_last_pieces_are_stored(user, count, flushed):
+    message_id = a_streaming_reply(user)
+    pieces = [f"piece {n} \"quoted\" ünïcode\n" for n in range(count)]
+    if flushed:
+        services.reply_log_append(services.log_batches(message_id, pieces[:flushed], logged=0))
+
+    assert finish(message_id, pieces, logged=flushed) is True
+
+    reply = Message.objects.get(pk=message_id)
+    assert (reply.status, reply.content, reply.model) == ("completed", "".join(pieces), "m")
+    assert (reply.prompt_tokens, reply.completion_tokens, reply.ttft_ms, reply.duration_ms) == (3, count, 12, 345)
+    assert reply.lease_expires_at is None and reply.finished_at is not None
+    assert logged_pieces(message_id) == pieces
+    first_seqs = list(ReplyChunk.objects.filter(message_id=message_id).order_by("first_seq")
+                      .values_list("first_seq", flat=True))
+    expected_tail = list(range(flushed + 1, count + 1, services.MAX_PIECES_PER_CHUNK))
+    assert first_seqs == ([1] if flushed else []) + expected_tail
+
+
+def test_a_reply_no_longer_streaming_is_left_as_it_is(user):
+    message_id = a_streaming_reply(user)
+    Message.objects.filter(pk=message_id).update(status="interrupted", content="what the reaper kept")
+
+    assert finish(message_id, ["late", " pieces"]) is False
+
+    reply = Message.objects.get(pk=message_id)
+    assert (reply.status, reply.content) == ("interrupted", "what the reaper kept")
+    assert not ReplyChunk.objects.filter(message_id=message_id).exists()
+
+
+def test_a_failed_finish_stores_neither_part(user):
+    """A log row that cannot be written undoes the final row too, so no watcher ever sees a
+    terminal status without every piece. The caller's own transaction stays usable."""
+    message_id = a_streaming_reply(user)
+    services.reply_log_append(services.log_batches(message_id, ["one"], logged=0))
+
+    with transaction.atomic():
+        with pytest.raises(IntegrityError):
+            finish(message_id, ["one", "two"], logged=0)  # piece 1 is logged already: a duplicate row
+        assert Message.objects.get(pk=message_id).status == "streaming"
+
+    assert logged_pieces(message_id) == ["one"]
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="the one-statement finish is PostgreSQL's")
+@pytest.mark.django_db(transaction=True)  # autocommit, as on the database threads: no savepoint
+@pytest.mark.parametrize("count", [0, 3])
+def test_finishing_is_one_statement_on_postgresql(user, count):
+    message_id = a_streaming_reply(user)
+
+    with CaptureQueriesContext(connection) as queries:
+        assert finish(message_id, [f"p{n}" for n in range(count)]) is True
+
+    assert len(queries) == 1
+    assert len(logged_pieces(message_id)) == count
