@@ -356,10 +356,40 @@ def reply_log_append(batches: list[LogBatch]) -> set[int]:
     if not batches:
         return set()
     ids = sorted({batch.message_id for batch in batches})
+    if connection.vendor == "postgresql":
+        # One statement, atomic by itself, instead of BEGIN, the lock, the insert and COMMIT: a
+        # database thread is held for one round trip per tick, and a reply's final write (which
+        # waits for a flush in flight) waits less. The lock is taken in id order, as _lock_streaming's.
+        with _atomic_inside_a_transaction(), connection.cursor() as cursor:
+            cursor.execute(
+                statement(
+                    "WITH live AS (SELECT id FROM {message} WHERE id = ANY(%s::bigint[]) AND status = %s"
+                    "  ORDER BY id FOR UPDATE),"
+                    " logged AS (INSERT INTO {chunk} (message_id, first_seq, pieces)"
+                    "  SELECT rows.message_id, rows.first_seq, rows.pieces"
+                    "  FROM unnest(%s::bigint[], %s::integer[], %s::jsonb[]) AS rows (message_id, first_seq, pieces)"
+                    "  WHERE rows.message_id IN (SELECT id FROM live))"
+                    " SELECT id FROM live"
+                ),
+                [ids, Message.Status.STREAMING, *_log_row_arrays(batches)],
+            )
+            live = {row[0] for row in cursor.fetchall()}
+        return set(ids) - live
     with transaction.atomic():
         live = _lock_streaming(ids)
         _insert_log_rows([b for b in batches if b.message_id in live])
     return set(ids) - live
+
+
+def _log_row_arrays(batches: list[LogBatch]) -> tuple[list[int], list[int], list]:
+    """Log rows as three arrays (message ids, first pieces, pieces) for PostgreSQL's unnest(): one
+    statement, the same whatever the number of rows."""
+    pieces_field = ReplyChunk._meta.get_field("pieces")
+    return (
+        [batch.message_id for batch in batches],
+        [batch.first_seq for batch in batches],
+        [pieces_field.get_db_prep_save(batch.pieces, connection) for batch in batches],
+    )
 
 
 def _insert_log_rows(batches: list[LogBatch]) -> None:
@@ -408,7 +438,7 @@ def reply_finish(finish: ReplyFinish) -> bool:
         outcome.message_id, Message.Status.STREAMING,
     ]
     if connection.vendor == "postgresql":
-        pieces_field = ReplyChunk._meta.get_field("pieces")
+        _, first_seqs, pieces = _log_row_arrays(finish.last_batches)
         with _atomic_inside_a_transaction(), connection.cursor() as cursor:
             cursor.execute(
                 statement(
@@ -418,11 +448,7 @@ def reply_finish(finish: ReplyFinish) -> bool:
                     "  FROM finished, unnest(%s::integer[], %s::jsonb[]) AS rows (first_seq, pieces))"
                     " SELECT COUNT(*) FROM finished"
                 ),
-                [
-                    *params,
-                    [batch.first_seq for batch in finish.last_batches],
-                    [pieces_field.get_db_prep_save(batch.pieces, connection) for batch in finish.last_batches],
-                ],
+                [*params, first_seqs, pieces],
             )
             return cursor.fetchone()[0] == 1
     with transaction.atomic(), connection.cursor() as cursor:

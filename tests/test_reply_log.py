@@ -1,7 +1,8 @@
-"""Ending a reply: the final row and the last log rows land together or not at all.
+"""A reply's writes while it streams: the log flush (every live reply's new pieces, for replies
+still streaming only) and the end (the final row and the last log rows, together or not at all).
 
-On PostgreSQL both are one statement (one round trip before `done` on a hosted database instead of
-BEGIN, UPDATE, INSERT and COMMIT); SQLite keeps the transaction. Both must store the same thing.
+On PostgreSQL each is one statement (one round trip on a hosted database instead of BEGIN, the
+statements and COMMIT); SQLite keeps the transactions. Both must store the same thing.
 """
 
 from __future__ import annotations
@@ -96,3 +97,43 @@ def test_finishing_is_one_statement_on_postgresql(user, count):
 
     assert len(queries) == 1
     assert len(logged_pieces(message_id)) == count
+
+
+def test_a_flush_logs_the_replies_still_streaming_and_names_the_others(user):
+    live, reaped, deleted = (a_streaming_reply(user) for _ in range(3))
+    Message.objects.filter(pk=reaped).update(status="interrupted")
+    Message.objects.filter(pk=deleted).delete()
+    batches = [batch for message_id in (deleted, live, reaped)
+               for batch in services.log_batches(message_id, [f"{message_id}-a", f"{message_id}-b"], logged=0)]
+
+    assert services.reply_log_append(batches) == {reaped, deleted}
+
+    assert logged_pieces(live) == [f"{live}-a", f"{live}-b"]
+    assert not ReplyChunk.objects.exclude(message_id=live).exists()
+    assert services.reply_log_append([]) == set()
+
+
+def test_a_failed_flush_logs_nothing(user):
+    first, second = a_streaming_reply(user), a_streaming_reply(user)
+    services.reply_log_append(services.log_batches(second, ["one"], logged=0))
+
+    with transaction.atomic():
+        with pytest.raises(IntegrityError):  # second's piece 1 again: a duplicate row
+            services.reply_log_append(services.log_batches(first, ["x"], logged=0)
+                                      + services.log_batches(second, ["one"], logged=0))
+        assert not ReplyChunk.objects.filter(message_id=first).exists()
+
+    assert logged_pieces(first) == [] and logged_pieces(second) == ["one"]
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="the one-statement flush is PostgreSQL's")
+@pytest.mark.django_db(transaction=True)
+def test_a_flush_is_one_statement_on_postgresql(user):
+    replies = [a_streaming_reply(user) for _ in range(3)]
+    batches = [batch for message_id in replies for batch in services.log_batches(message_id, ["a", "b"], logged=0)]
+
+    with CaptureQueriesContext(connection) as queries:
+        assert services.reply_log_append(batches) == set()
+
+    assert len(queries) == 1
+    assert [logged_pieces(message_id) for message_id in replies] == [["a", "b"]] * 3
