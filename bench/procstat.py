@@ -100,9 +100,14 @@ def _socket_inodes(pid: int) -> set[str]:
 
 
 def tcp_connections(pid: int, remote_port: int | None = None, local_port: int | None = None) -> int:
-    """Established TCP connections owned by the process tree, optionally to/from a port."""
+    """Established TCP connections owned by the process tree, optionally to/from a port.
+
+    Counted by socket inode: /proc/net/tcp is not a snapshot, and read while thousands of sockets
+    come and go it lists some rows twice (hundreds per read with ~1,500 sockets churning, here).
+    Counted by row, one run at 512 streams reported 65 database connections for a sidecar whose
+    database saw no more than 31 in all."""
     inodes = _socket_inodes(pid)
-    count = 0
+    found: set[str] = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             lines = Path(table).read_text().splitlines()[1:]
@@ -118,8 +123,8 @@ def tcp_connections(pid: int, remote_port: int | None = None, local_port: int | 
                 continue
             if local_port is not None and lport != local_port:
                 continue
-            count += 1
-    return count
+            found.add(cols[9])
+    return len(found)
 
 
 def open_files_named(pid: int, path: str) -> int:
