@@ -6,12 +6,13 @@ The streaming core calls the reply functions from its database threads, never on
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from datetime import timedelta
 from http import HTTPStatus
 
 from django.conf import settings
-from django.db import IntegrityError, connection, transaction
+from django.db import DEFAULT_DB_ALIAS, IntegrityError, connection, connections, transaction
 from django.utils import timezone
 
 from . import selectors
@@ -213,16 +214,25 @@ def _new_rows(*, user, request: ReplyRequest, model: str) -> tuple[Message, Mess
 
 def _insert_values(obj, *, skip: tuple[str, ...] = ()) -> tuple[str, str, list]:
     """Columns, placeholders and values as the ORM would insert `obj`: every concrete field but the
-    primary key and `skip`, with its default or auto_now stamp (pre_save) adapted for the database.
+    primary key and `skip`, with its default or auto_now stamp (pre_save) adapted for the database."""
+    fields, columns, placeholders = _insert_columns(type(obj), skip)
+    db = connections[DEFAULT_DB_ALIAS]  # this thread's connection, looked up once, not once per field
+    return columns, placeholders, [f.get_db_prep_save(f.pre_save(obj, True), db) for f in fields]
+
+
+@functools.cache
+def _insert_columns(model, skip: tuple[str, ...]) -> tuple[tuple, str, str]:
+    """The fields, quoted columns and typed placeholders of `_insert_values`, built once per model:
+    they cost ~250 µs of the database thread's CPU per reply when built each time.
+
     Each placeholder is cast to its column's type: in `INSERT … SELECT` an untyped literal (a string,
     a NULL) would be read as text, which a timestamp or integer column refuses. Text is cast to
     varchar without a length, since a cast to varchar(n) cuts a longer value short where the column
     itself refuses it, as the ORM's INSERT does."""
-    fields = [f for f in obj._meta.concrete_fields if not f.primary_key and f.attname not in skip]
+    fields = tuple(f for f in model._meta.concrete_fields if not f.primary_key and f.attname not in skip)
     columns = ", ".join(connection.ops.quote_name(f.column) for f in fields)
     placeholders = ", ".join(f"%s::{_cast_type(f)}" for f in fields)
-    values = [f.get_db_prep_save(f.pre_save(obj, True), connection) for f in fields]
-    return columns, placeholders, values
+    return fields, columns, placeholders
 
 
 def _cast_type(field) -> str:
