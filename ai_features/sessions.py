@@ -15,7 +15,9 @@ from .sql import db_datetime, statement
 if TYPE_CHECKING:
     from django.contrib.auth.base_user import AbstractBaseUser
 
-# What stream_auth checks of a user, in the model's field order (Model.from_db takes them so).
+# What stream_auth checks of a user, in the model's field order (Model.from_db takes them so). These
+# are django.contrib.auth's User's (AUTH_USER_MODEL is not swapped in this product); a custom user
+# model would need its own columns here, and its default manager's filters, if any, in the query.
 _USER_FIELDS = ("id", "password", "is_active")
 _SESSION_AND_USER = (
     "SELECT s.session_key, s.session_data, u.{user_id}, u.{user_password}, u.{user_is_active}"

@@ -52,6 +52,8 @@ def user_from_stream_token(token: str | None):
     if found is None:
         return None
     store, user = found
+    # The callers use only the user's pk: its other fields are deferred, and loading one on the
+    # event loop would raise SynchronousOnlyOperation.
     return _session_user(store, preloaded=user, expected_id=claims["u"])
 
 
@@ -87,6 +89,8 @@ def _session_user(store: SessionStore, *, preloaded=_NOT_LOADED, expected_id: in
     else:
         user = load_backend(backend_path).get_user(user_id)
     if user is None or not getattr(user, "is_active", True):
+        return None
+    if expected_id is not None and user.pk != expected_id:  # a backend that maps ids
         return None
     if hasattr(user, "get_session_auth_hash"):
         session_hash = store.get(HASH_SESSION_KEY)

@@ -10,7 +10,7 @@ import pytest
 from django.test import Client
 
 from ai_features import stream_auth
-from ai_features.sessions import SessionStore
+from ai_features.sessions import SessionStore, session_key_digest
 from tests.conftest import PASSWORD, login_session
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -62,6 +62,7 @@ def test_a_token_survives_a_secret_key_rotation_but_not_a_forgery(user, settings
     assert SessionStore().exists(session_key)
     settings.SECRET_KEY_FALLBACKS = []
     assert stream_auth.user_from_stream_token(token) is None
+    assert stream_auth.user_from_session_key(session_key) is None  # its hash was made with the removed key
     assert stream_auth.user_from_stream_token(token[:-2] + "AA") is None
 
 
@@ -100,6 +101,13 @@ def test_a_token_naming_another_user_than_its_session_is_refused(user, other_use
     other_user.password = user.password
     other_user.save()
     token, _ = stream_auth.mint_stream_token(user=other_user, session_key=login_session(user))
+    assert stream_auth.user_from_stream_token(token) is None
+
+
+@pytest.mark.parametrize("claim", [float, str, lambda pk: None, lambda pk: [pk]])
+def test_a_token_whose_user_is_not_an_integer_is_refused(user, claim):
+    # Only the server signs tokens, but their claims are still checked: 5.0 == 5 in Python.
+    token = stream_auth._serializer().dumps({"u": claim(user.pk), "s": session_key_digest(login_session(user))})
     assert stream_auth.user_from_stream_token(token) is None
 
 
