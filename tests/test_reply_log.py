@@ -7,6 +7,8 @@ statements and COMMIT); SQLite keeps the transactions. Both must store the same 
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from django.db import IntegrityError, connection, transaction
 from django.test.utils import CaptureQueriesContext
@@ -137,3 +139,52 @@ def test_a_flush_is_one_statement_on_postgresql(user):
 
     assert len(queries) == 1
     assert [logged_pieces(message_id) for message_id in replies] == [["a", "b"]] * 3
+
+
+@pytest.mark.django_db(transaction=True)  # two real connections: the reaper's lock is real
+@pytest.mark.parametrize("write", ["finish", "flush"])
+def test_a_write_that_waits_for_the_reapers_lock_then_finds_the_reply_reaped_stores_nothing(user, write):
+    """The race the locks are for: a process stalls past its lease, another reaps the reply, and the
+    stalled one's write arrives while the reaper holds the row. It must wait, see the reaped status,
+    and add nothing to what the reaper stored."""
+    message_id = a_streaming_reply(user)
+    locked, release = threading.Event(), threading.Event()
+    results: dict[str, object] = {}
+
+    def reaper() -> None:
+        try:
+            with transaction.atomic():
+                Message.objects.select_for_update().filter(pk=message_id).values("status").first()
+                locked.set()
+                release.wait(10)
+                Message.objects.filter(pk=message_id).update(status="interrupted", content="what the reaper kept")
+        finally:
+            connection.close()
+
+    def writer() -> None:
+        try:
+            if write == "finish":
+                results["stored"] = finish(message_id, ["late", " pieces"])
+            else:
+                results["gone"] = services.reply_log_append(services.log_batches(message_id, ["late"], logged=0))
+        except Exception as exc:  # noqa: BLE001 - reported by the assertions below
+            results["error"] = exc
+        finally:
+            connection.close()
+
+    reaping = threading.Thread(target=reaper)
+    reaping.start()
+    assert locked.wait(10)
+    writing = threading.Thread(target=writer)
+    writing.start()
+    writing.join(0.5)
+    assert writing.is_alive(), "the write did not wait for the reaper's lock"
+    release.set()
+    reaping.join(10)
+    writing.join(10)
+
+    assert "error" not in results, results
+    assert results == ({"stored": False} if write == "finish" else {"gone": {message_id}})
+    reply = Message.objects.get(pk=message_id)
+    assert (reply.status, reply.content) == ("interrupted", "what the reaper kept")
+    assert not ReplyChunk.objects.filter(message_id=message_id).exists()
