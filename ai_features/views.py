@@ -26,7 +26,7 @@ from .models import Conversation, Message
 from .streaming import service
 from .streaming.background import background_runtime
 from .streaming.sse import SSE_HEADERS
-from .streaming.validation import ApiError
+from .streaming.validation import ApiError, refuse_nul
 
 CONVERSATIONS_PER_PAGE = 30
 
@@ -148,11 +148,12 @@ def conversation_detail(request: HttpRequest, conversation_id: int) -> HttpRespo
     if request.method == "PATCH":
         try:
             data = _json_body(request)
+            title = data.get("title")
+            if not isinstance(title, str) or not title.strip() or len(title.strip()) > 200:
+                raise ApiError(HTTPStatus.BAD_REQUEST, "`title` must be a non-empty string of at most 200 characters.")
+            refuse_nul(title, "title")
         except ApiError as exc:
             return error_response(exc.status, exc.message)
-        title = data.get("title")
-        if not isinstance(title, str) or not title.strip() or len(title.strip()) > 200:
-            return error_response(HTTPStatus.BAD_REQUEST, "`title` must be a non-empty string of at most 200 characters.")
         conversation = services.conversation_rename(
             user=request.user, conversation_id=conversation_id, title=title.strip()
         )

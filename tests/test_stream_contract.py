@@ -163,6 +163,8 @@ def test_the_same_client_message_id_of_another_user_is_independent(stream_servic
         ({"message": "hi", "conversation_id": "7"}, HTTPStatus.BAD_REQUEST),
         ({"message": "hi", "conversation_id": True}, HTTPStatus.BAD_REQUEST),
         ({"message": "hi", "client_message_id": 5}, HTTPStatus.BAD_REQUEST),
+        ({"message": "a\x00b"}, HTTPStatus.BAD_REQUEST),  # PostgreSQL cannot store NUL in text
+        ({"message": "hi", "client_message_id": "id\x00"}, HTTPStatus.BAD_REQUEST),
         ({"message": "hi", "conversation_id": 999999}, HTTPStatus.NOT_FOUND),
     ],
 )
