@@ -85,6 +85,17 @@ def test_multibyte_text_survives_intact(stream_service, model_server, user):
     assert Message.objects.get(pk=result.terminal["message_id"]).content == "".join(pieces)
 
 
+def test_a_nul_character_from_the_model_is_replaced_not_fatal(stream_service, model_server, user):
+    # PostgreSQL refuses NUL in text and jsonb; the reply must still stream, be logged and be stored.
+    pieces = ["before ", "a\x00b", " after"]
+    result = stream_service.client(user).send(scenario(chunks=pieces))
+    assert result.terminal["type"] == "done" and result.terminal["status"] == "completed"
+    assert result.text == "before a\ufffdb after"
+    assert Message.objects.get(pk=result.terminal["message_id"]).content == result.text
+    replayed = stream_service.client(user).resume(result.terminal["message_id"], last_event_id=None)
+    assert replayed.text == result.text
+
+
 def test_continuing_a_conversation_sends_history_in_order(stream_service, model_server, user, settings):
     settings.SYSTEM_PROMPT = "Be brief."
     settings.MAX_CHAT_HISTORY = 3

@@ -198,6 +198,11 @@ class OpenAIProvider:
                         delta = choice.get("delta")
                         text = delta.get("content") if delta else None
                         if text:
+                            if "\x00" in text:
+                                # Model output is untrusted input, and PostgreSQL refuses NUL in text
+                                # and jsonb: one such piece would fail every log flush of the process
+                                # (all live replies share it) and the reply's final write.
+                                text = text.replace("\x00", "\ufffd")
                             yield Delta(text=text)
                         if choice.get("finish_reason"):
                             finished = True
