@@ -392,8 +392,9 @@ def reply_log_append(batches: list[LogBatch]) -> set[int]:
 
 
 def _log_row_arrays(batches: list[LogBatch]) -> tuple[list[int], list[int], list]:
-    """Log rows as three arrays (message ids, first pieces, pieces) for PostgreSQL's unnest(): one
-    statement, the same whatever the number of rows."""
+    """Log rows as three arrays (message ids, first pieces, pieces, the JSON adapted by the field
+    itself): for PostgreSQL's unnest(), one statement whatever the number of rows; zipped, the rows
+    of SQLite's executemany."""
     pieces_field = ReplyChunk._meta.get_field("pieces")
     return (
         [batch.message_id for batch in batches],
@@ -409,8 +410,7 @@ def _insert_log_rows(batches: list[LogBatch]) -> None:
     value through the field itself, so each backend still gets its own representation."""
     if not batches:
         return
-    pieces_field = ReplyChunk._meta.get_field("pieces")
-    rows = [(b.message_id, b.first_seq, pieces_field.get_db_prep_save(b.pieces, connection)) for b in batches]
+    rows = list(zip(*_log_row_arrays(batches)))
     with connection.cursor() as cursor:
         cursor.executemany(statement("INSERT INTO {chunk} (message_id, first_seq, pieces) VALUES (%s, %s, %s)"), rows)
 
