@@ -26,7 +26,7 @@ from .models import Conversation, Message
 from .streaming import service
 from .streaming.background import background_runtime
 from .streaming.sse import SSE_HEADERS
-from .streaming.validation import ApiError, refuse_nul
+from .streaming.validation import ApiError, refuse_unstorable_text
 
 CONVERSATIONS_PER_PAGE = 30
 
@@ -151,7 +151,7 @@ def conversation_detail(request: HttpRequest, conversation_id: int) -> HttpRespo
             title = data.get("title")
             if not isinstance(title, str) or not title.strip() or len(title.strip()) > 200:
                 raise ApiError(HTTPStatus.BAD_REQUEST, "`title` must be a non-empty string of at most 200 characters.")
-            refuse_nul(title, "title")
+            refuse_unstorable_text(title, "title")
         except ApiError as exc:
             return error_response(exc.status, exc.message)
         conversation = services.conversation_rename(

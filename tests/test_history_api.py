@@ -81,7 +81,7 @@ def test_rename_and_delete(browser, user, conversation_of):
     assert not Message.objects.filter(conversation_id=conversation.pk).exists()
 
 
-@pytest.mark.parametrize("title", ["", "   ", None, 5, "x" * 201, "a\x00b"])
+@pytest.mark.parametrize("title", ["", "   ", None, 5, "x" * 201, "a\x00b", "a\ud83db"])
 def test_a_bad_title_is_400(browser, user, conversation_of, title):
     conversation = conversation_of(user, title="Keep me")
     answer = browser.patch(

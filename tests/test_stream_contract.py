@@ -176,6 +176,9 @@ def test_the_same_client_message_id_of_another_user_is_independent(stream_servic
         ({"message": "hi", "client_message_id": 5}, HTTPStatus.BAD_REQUEST),
         ({"message": "a\x00b"}, HTTPStatus.BAD_REQUEST),  # PostgreSQL cannot store NUL in text
         ({"message": "hi", "client_message_id": "id\x00"}, HTTPStatus.BAD_REQUEST),
+        # Half a surrogate pair, escaped as a browser's JSON.stringify does: it has no UTF-8 form.
+        (json.dumps({"message": "half an emoji \ud83d"}).encode(), HTTPStatus.BAD_REQUEST),
+        (json.dumps({"message": "hi", "client_message_id": "id\udc00"}).encode(), HTTPStatus.BAD_REQUEST),
         ({"message": "hi", "conversation_id": 999999}, HTTPStatus.NOT_FOUND),
     ],
 )

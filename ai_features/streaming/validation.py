@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from http import HTTPStatus
 
@@ -35,11 +36,18 @@ def require_json(content_type: str | None) -> None:
         raise ApiError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "Send the request as Content-Type: application/json.")
 
 
-def refuse_nul(value: str, name: str) -> None:
-    """JSON may carry a NUL character (\\u0000) that PostgreSQL cannot store in text: refused up front
-    with a clear 400, on every database, instead of a 500 from the INSERT on PostgreSQL only."""
+# Half of a UTF-16 surrogate pair: JSON can escape one alone (\\ud83d), but no UTF-8 text holds it.
+SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def refuse_unstorable_text(value: str, name: str) -> None:
+    """JSON can carry text that no database stores, so it is refused up front with a clear 400, on
+    every database, before anything is stored: a NUL character (\\u0000), which PostgreSQL refuses
+    in text, and a lone surrogate, which has no UTF-8 form (both drivers refuse to encode it)."""
     if "\x00" in value:
         raise ApiError(HTTPStatus.BAD_REQUEST, f"`{name}` must not contain NUL characters.")
+    if not value.isascii() and SURROGATE.search(value):
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"`{name}` must be valid Unicode text (it holds half of a surrogate pair).")
 
 
 def parse_reply_request(body: bytes, content_type: str | None, *, max_chars: int, max_bytes: int) -> ReplyRequest:
@@ -60,7 +68,7 @@ def parse_reply_request(body: bytes, content_type: str | None, *, max_chars: int
         raise ApiError(HTTPStatus.BAD_REQUEST, "`message` must not be empty.")
     if len(message) > max_chars:
         raise ApiError(HTTPStatus.BAD_REQUEST, f"`message` is longer than {max_chars} characters.")
-    refuse_nul(message, "message")
+    refuse_unstorable_text(message, "message")
 
     include_history = data.get("include_history", True)
     if not isinstance(include_history, bool):
@@ -76,7 +84,7 @@ def parse_reply_request(body: bytes, content_type: str | None, *, max_chars: int
     if client_message_id is not None:
         if not isinstance(client_message_id, str) or not (1 <= len(client_message_id) <= 100):
             raise ApiError(HTTPStatus.BAD_REQUEST, "`client_message_id` must be a string of 1 to 100 characters or null.")
-        refuse_nul(client_message_id, "client_message_id")
+        refuse_unstorable_text(client_message_id, "client_message_id")
 
     return ReplyRequest(
         message=message,
