@@ -584,7 +584,12 @@ class FakeOpenAI:
     def _delta_json(self, text: str) -> bytes:
         cached = self._delta_json_cache.get(text)
         if cached is None:
-            cached = _dumps(text)
+            try:
+                cached = _dumps(text)
+            except UnicodeEncodeError:
+                # A lone surrogate has no UTF-8 form: escape it, as JavaScript's JSON.stringify does
+                # (a server that splits an emoji's UTF-16 pair between two deltas sends this).
+                cached = json.dumps(text, separators=(",", ":")).encode()
             if len(self._delta_json_cache) < 4096:
                 self._delta_json_cache[text] = cached
         return cached

@@ -96,6 +96,19 @@ def test_a_nul_character_from_the_model_is_replaced_not_fatal(stream_service, mo
     assert replayed.text == result.text
 
 
+def test_a_lone_surrogate_from_the_model_is_replaced_not_fatal(stream_service, model_server, user):
+    # A server that splits an emoji's UTF-16 pair between deltas sends each half as a JSON escape
+    # (\ud83d, then \ude00). No UTF-8 text can hold a lone half: it must not break the stream's
+    # encoding, the log or the stored reply.
+    pieces = ["smile ", "\ud83d", "\ude00", " done"]
+    result = stream_service.client(user).send(scenario(chunks=pieces))
+    assert result.terminal["type"] == "done" and result.terminal["status"] == "completed"
+    assert result.text == "smile \ufffd\ufffd done"
+    assert Message.objects.get(pk=result.terminal["message_id"]).content == result.text
+    replayed = stream_service.client(user).resume(result.terminal["message_id"], last_event_id=None)
+    assert replayed.text == result.text
+
+
 def test_continuing_a_conversation_sends_history_in_order(stream_service, model_server, user, settings):
     settings.SYSTEM_PROMPT = "Be brief."
     settings.MAX_CHAT_HISTORY = 3

@@ -18,6 +18,8 @@ import httpx2
 import openai
 import orjson
 
+from .validation import SURROGATE
+
 logger = logging.getLogger(__name__)
 
 DEMO_MODEL_NAME = "c3-demo-offline"
@@ -77,8 +79,21 @@ def _parse_chunk(payload: bytes):
         return orjson.loads(payload)
     except orjson.JSONDecodeError:
         # orjson refuses invalid UTF-8, which some servers emit when they split a character
-        # between chunks; decode it as the SDK would (replacement characters) rather than fail.
-        return json.loads(payload.decode("utf-8", "replace"))
+        # between chunks, and a lone surrogate escape (\\ud83d), which a server that splits an
+        # emoji's UTF-16 pair between chunks sends. Decode them as the SDK would (replacement
+        # characters) rather than fail; json keeps a lone surrogate, which no UTF-8 text can hold
+        # (the SSE encoder and both databases would refuse it), so it is replaced too.
+        return _without_lone_surrogates(json.loads(payload.decode("utf-8", "replace")))
+
+
+def _without_lone_surrogates(value):
+    if isinstance(value, str):
+        return SURROGATE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {key: _without_lone_surrogates(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_without_lone_surrogates(item) for item in value]
+    return value
 
 
 def _token_count(value) -> int | None:
