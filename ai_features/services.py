@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from http import HTTPStatus
 
+import orjson
 from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, IntegrityError, connection, connections, transaction
 from django.utils import timezone
@@ -373,15 +374,15 @@ def reply_log_append(batches: list[LogBatch]) -> set[int]:
         with _atomic_inside_a_transaction(), connection.cursor() as cursor:
             cursor.execute(
                 statement(
-                    "WITH live AS (SELECT id FROM {message} WHERE id = ANY(%s::bigint[]) AND status = %s"
+                    f"WITH rows AS (SELECT * FROM {_LOG_ROWS}),"
+                    " live AS (SELECT id FROM {message} WHERE id IN (SELECT message_id FROM rows) AND status = %s"
                     "  ORDER BY id FOR UPDATE),"
                     " logged AS (INSERT INTO {chunk} (message_id, first_seq, pieces)"
                     "  SELECT rows.message_id, rows.first_seq, rows.pieces"
-                    "  FROM unnest(%s::bigint[], %s::integer[], %s::jsonb[]) AS rows (message_id, first_seq, pieces)"
-                    "  WHERE rows.message_id IN (SELECT id FROM live))"
+                    "  FROM rows WHERE rows.message_id IN (SELECT id FROM live))"
                     " SELECT id FROM live"
                 ),
-                [ids, Message.Status.STREAMING, *_log_row_arrays(batches)],
+                [_log_rows_json(batches), Message.Status.STREAMING],
             )
             live = {row[0] for row in cursor.fetchall()}
         return set(ids) - live
@@ -391,26 +392,31 @@ def reply_log_append(batches: list[LogBatch]) -> set[int]:
     return set(ids) - live
 
 
-def _log_row_arrays(batches: list[LogBatch]) -> tuple[list[int], list[int], list]:
-    """Log rows as three arrays (message ids, first pieces, pieces, the JSON adapted by the field
-    itself): for PostgreSQL's unnest(), one statement whatever the number of rows; zipped, the rows
-    of SQLite's executemany."""
-    pieces_field = ReplyChunk._meta.get_field("pieces")
-    return (
-        [batch.message_id for batch in batches],
-        [batch.first_seq for batch in batches],
-        [pieces_field.get_db_prep_save(batch.pieces, connection) for batch in batches],
-    )
+# PostgreSQL: log rows arrive as one JSON document, a list of {"message_id", "first_seq", "pieces"}.
+# One string parameter, which psycopg quotes in C, whatever the number of rows and pieces. As arrays
+# for unnest(), psycopg quoted every element of the jsonb[] array in Python, character by character
+# through a regex callback: ~4.6 ms of a database thread's CPU for one tick's flush at 128 streams.
+_LOG_ROWS = "json_to_recordset(%s::json) AS rows (message_id bigint, first_seq integer, pieces jsonb)"
+
+
+def _log_rows_json(batches: list[LogBatch]) -> str:
+    # Pieces are plain strings (the provider replaced what no database can store), so orjson's JSON
+    # is the JSON the field's own encoder would have written.
+    return orjson.dumps(
+        [{"message_id": b.message_id, "first_seq": b.first_seq, "pieces": b.pieces} for b in batches]
+    ).decode()
 
 
 def _insert_log_rows(batches: list[LogBatch]) -> None:
-    """One executemany for the rows of every live reply (one tick's flush holds one row per reply).
+    """SQLite: one executemany for the rows of every live reply (one tick's flush holds one row per
+    reply).
 
     bulk_create built a model instance and its SQL per row (~30 µs each); this only adapts the JSON
-    value through the field itself, so each backend still gets its own representation."""
+    value through the field itself."""
     if not batches:
         return
-    rows = list(zip(*_log_row_arrays(batches)))
+    pieces_field = ReplyChunk._meta.get_field("pieces")
+    rows = [(b.message_id, b.first_seq, pieces_field.get_db_prep_save(b.pieces, connection)) for b in batches]
     with connection.cursor() as cursor:
         cursor.executemany(statement("INSERT INTO {chunk} (message_id, first_seq, pieces) VALUES (%s, %s, %s)"), rows)
 
@@ -448,17 +454,15 @@ def reply_finish(finish: ReplyFinish) -> bool:
         outcome.message_id, Message.Status.STREAMING,
     ]
     if connection.vendor == "postgresql":
-        _, first_seqs, pieces = _log_row_arrays(finish.last_batches)
         with _atomic_inside_a_transaction(), connection.cursor() as cursor:
             cursor.execute(
                 statement(
                     f"WITH finished AS ({_FINISH} RETURNING id),"
                     " logged AS (INSERT INTO {chunk} (message_id, first_seq, pieces)"
-                    "  SELECT finished.id, rows.first_seq, rows.pieces"
-                    "  FROM finished, unnest(%s::integer[], %s::jsonb[]) AS rows (first_seq, pieces))"
+                    f"  SELECT finished.id, rows.first_seq, rows.pieces FROM finished, {_LOG_ROWS})"
                     " SELECT COUNT(*) FROM finished"
                 ),
-                [*params, first_seqs, pieces],
+                [*params, _log_rows_json(finish.last_batches)],
             )
             return cursor.fetchone()[0] == 1
     with transaction.atomic(), connection.cursor() as cursor:

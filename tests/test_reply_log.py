@@ -46,7 +46,8 @@ def logged_pieces(message_id: int) -> list[str]:
 @pytest.mark.parametrize("count, flushed", [(0, 0), (5, 2), (services.MAX_PIECES_PER_CHUNK * 2 + 3, 7)])
 def test_the_final_row_and_the_last_pieces_are_stored(user, count, flushed):
     message_id = a_streaming_reply(user)
-    pieces = [f"piece {n} \"quoted\" ünïcode\n" for n in range(count)]
+    # What JSON and SQL quoting must carry through both writes unchanged.
+    pieces = [f"piece {n} \"quoted\" 'single' back\\slash %s {{x}} ünïcode 🙂 \u2028\n" for n in range(count)]
     if flushed:
         services.reply_log_append(services.log_batches(message_id, pieces[:flushed], logged=0))
 
