@@ -398,8 +398,8 @@ _LOG_ROWS = "json_to_recordset(%s::json) AS rows (message_id bigint, first_seq i
 
 
 def _log_rows_json(batches: list[LogBatch]) -> str:
-    # Pieces are plain strings (the provider replaced what no database can store), so orjson's JSON
-    # is the JSON the field's own encoder would have written.
+    # Pieces are strings (the provider refuses content of any other type and replaces what no
+    # database can store), so orjson's JSON is the JSON the field's own encoder would have written.
     return orjson.dumps(
         [{"message_id": b.message_id, "first_seq": b.first_seq, "pieces": b.pieces} for b in batches]
     ).decode()

@@ -575,13 +575,17 @@ class FakeOpenAI:
             return {"reply": f"You said: {last_user}"}
         return sc
 
-    def _deltas(self, sc: dict[str, Any]) -> list[str]:
+    def _deltas(self, sc: dict[str, Any]) -> list[Any]:
+        if "contents" in sc:  # each delta's `content` as given, any JSON value: a malformed server
+            return list(sc["contents"])
         chunks = sc.get("chunks")
         if chunks is not None:
             return [str(c) for c in chunks]
         return _split_reply(str(sc.get("reply", "")), sc.get("chunk_chars"))
 
-    def _delta_json(self, text: str) -> bytes:
+    def _delta_json(self, text: Any) -> bytes:
+        if not isinstance(text, str):
+            return _dumps(text)
         cached = self._delta_json_cache.get(text)
         if cached is None:
             try:

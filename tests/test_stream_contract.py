@@ -453,6 +453,19 @@ def test_a_connection_dropped_midway_keeps_the_partial_text(stream_service, mode
     assert reply.content == result.text == "one two "
 
 
+@pytest.mark.parametrize("content", [["a", "list"], {"an": "object"}, 42, True])
+def test_content_that_is_not_text_is_an_error_that_keeps_the_text_so_far(stream_service, model_server, user, content):
+    result = stream_service.client(user).send(scenario(contents=["one ", "two ", content, "never"]))
+
+    assert [p["type"] for p in result.payloads] == ["start", "content", "content", "error"]
+    assert result.terminal["code"] == "upstream_malformed"
+    reply = Message.objects.get(pk=result.payloads[0]["assistant_message_id"])
+    assert (reply.status, reply.error_code) == (Message.Status.ERROR, "upstream_malformed")
+    assert reply.content == result.text == "one two "
+    replayed = stream_service.client(user).resume(reply.pk, last_event_id=None)
+    assert replayed.text == "one two " and replayed.terminal["code"] == "upstream_malformed"
+
+
 def test_an_unreachable_model_server_is_an_error_event(stream_service, model_server, user, settings):
     settings.OPENAI_BASE_URL = "http://127.0.0.1:9/v1"  # discard port: nothing listens
     result = stream_service.client(user).send("anyone there?")

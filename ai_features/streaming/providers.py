@@ -212,6 +212,11 @@ class OpenAIProvider:
                     for choice in chunk.get("choices") or ():
                         delta = choice.get("delta")
                         text = delta.get("content") if delta else None
+                        if text is not None and type(text) is not str:
+                            # Model output is input like any other: a list or an object here would
+                            # be stored as a piece that the reply's text (and the reaper's) cannot join.
+                            logger.warning("model server sent content that is not a string: %.200r", text)
+                            raise ProviderError("upstream_malformed", "The AI service sent a reply this service cannot read.")
                         if text:
                             if "\x00" in text:
                                 # Model output is untrusted input, and PostgreSQL refuses NUL in text
