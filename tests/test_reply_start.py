@@ -74,15 +74,18 @@ def stored(start: services.ReplyStart, *, follow_up: bool) -> dict:
 def test_one_statement_stores_what_the_orm_stores(user, follow_up, settings):
     settings.MAX_CHAT_HISTORY = 3
     conversations = [a_conversation_with_history(user) if follow_up else None for _ in range(2)]
+    # What the JSON records and SQL quoting must carry through unchanged.
+    message = "What next? 100% 'sure' \"q\" back\\slash %s {x} \u2028 ünïcode 🙂"
     results = []
-    for store, conversation, client_id in [(store_with_the_orm, conversations[0], "a"),
-                                           (store_in_one_statement, conversations[1], "b")]:
-        request = ReplyRequest(message="What next?", conversation_id=conversation.pk if conversation else None,
+    for store, conversation, client_id in [(store_with_the_orm, conversations[0], "a %s 'q' \\"),
+                                           (store_in_one_statement, conversations[1], "b %s 'q' \\")]:
+        request = ReplyRequest(message=message, conversation_id=conversation.pk if conversation else None,
                                client_message_id=client_id)
         results.append(stored(store(user, request), follow_up=follow_up))
-    for result, client_id, conversation in zip(results, "ab", conversations):
+    for result, client_id, conversation in zip(results, ("a %s 'q' \\", "b %s 'q' \\"), conversations):
         assert result["user_message"].pop("client_message_id") == client_id
-        assert result["conversation"]["title"] == ("earlier" if follow_up else "What next?")
+        assert result["user_message"]["content"] == message
+        assert result["conversation"]["title"] == ("earlier" if follow_up else services._title_from(message))
         assert result["conversation"]["user_id"] == result["user_message"]["user_id"] == user.pk
         assert result["reply"]["user_id"] == user.pk
     assert results[0] == results[1]
