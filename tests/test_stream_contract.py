@@ -12,6 +12,7 @@ import weakref
 from http import HTTPStatus
 
 import pytest
+from django.utils import timezone
 
 from ai_features.models import Conversation, Message, ReplyChunk
 from tests.conftest import StreamService, wait_until
@@ -464,6 +465,28 @@ def test_content_that_is_not_text_is_an_error_that_keeps_the_text_so_far(stream_
     assert reply.content == result.text == "one two "
     replayed = stream_service.client(user).resume(reply.pk, last_event_id=None)
     assert replayed.text == "one two " and replayed.terminal["code"] == "upstream_malformed"
+
+
+def test_a_failure_while_ending_a_reply_still_ends_its_stream(sidecar, model_server, user, monkeypatch):
+    """A bug in the reply's own ending must not leave its watchers waiting and its lease renewed
+    forever (the row would stay streaming): the stream ends with an error event, and the process
+    lets the reply go, so the reaper ends its row once the lease expires."""
+    from ai_features import services
+    from tests.conftest import StreamService
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in ending the reply")
+
+    monkeypatch.setattr(services, "ReplyFinish", broken)
+    result = StreamService("sidecar", sidecar.url).client(user).send(scenario(chunks=["one ", "two"]))
+
+    assert [p["type"] for p in result.payloads] == ["start", "content", "content", "error"]
+    assert result.terminal["code"] == "internal_error" and "Traceback" not in result.raw.decode()
+    reply_id = result.payloads[0]["assistant_message_id"]
+    assert reply_id not in sidecar.server.config.app.state.runtime.live
+    Message.objects.filter(pk=reply_id).update(lease_expires_at=timezone.now())
+    assert services.reap_expired_replies() == [reply_id]
+    assert Message.objects.get(pk=reply_id).status == Message.Status.INTERRUPTED
 
 
 def test_an_unreachable_model_server_is_an_error_event(stream_service, model_server, user, settings):

@@ -276,7 +276,22 @@ class GenerationRuntime:
             # The model said the reply is complete; a Stop, shutdown or limit that arrives while
             # the provider tidies its connection up does not make it less so.
             status, error_code, error_message = "completed", "", ""
-        await self._finish(reply, status, error_code, error_message)
+        try:
+            await self._finish(reply, status, error_code, error_message)
+        except Exception:  # noqa: BLE001 - a bug in ending the reply must not leave it live forever
+            logger.exception("could not end reply %s", reply.id)
+            self._abandon(reply)
+
+    def _abandon(self, reply: LiveReply) -> None:
+        """End a reply whose own ending failed: its watchers get an error event instead of waiting
+        forever, and this process stops renewing its lease, so the reaper ends the row with its
+        logged text once the lease expires, as for a process that died."""
+        if reply.terminal is None:
+            outcome = ReplyOutcome(message_id=reply.id, status="error", model=reply.model, error_code="internal_error",
+                                   error_message="Something went wrong while ending the reply.")
+            reply.terminal = outcome.terminal_event(len(reply.pieces) + 1)
+            reply._notify()
+        self.live.pop(reply.id, None)
 
     async def _finish(self, reply: LiveReply, status: str, error_code: str, error_message: str) -> None:
         reply.finishing = True
