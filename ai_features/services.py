@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from dataclasses import dataclass
 from datetime import timedelta
 from http import HTTPStatus
@@ -21,6 +22,8 @@ from .sql import db_datetime, statement
 from .models import Conversation, Message, ReplyChunk
 from .streaming.events import ReplyOutcome, StartEvent
 from .streaming.validation import ApiError, ReplyRequest
+
+logger = logging.getLogger(__name__)
 
 TITLE_LENGTH = 60
 # The runtime flushes a reply's buffer when it holds this many pieces, whatever the clock says.
@@ -533,27 +536,38 @@ def reap_expired_replies(*, only: int | None = None) -> list[int]:
         expired = expired.filter(pk=only)
     reaped = []
     for message_id in expired.values_list("pk", flat=True):
-        with transaction.atomic():
-            row = (
-                Message.objects.select_for_update()
-                .filter(pk=message_id, status=Message.Status.STREAMING, lease_expires_at__lt=now)
-                .values("stop_requested")
-                .first()
-            )
-            if row is None:
-                continue  # renewed or finished meanwhile
-            text = "".join(text for _, text in reply_pieces(message_id=message_id, after=0))
-            status = Message.Status.CANCELLED if row["stop_requested"] else Message.Status.INTERRUPTED
-            Message.objects.filter(pk=message_id).update(
-                status=status,
-                content=text,
-                error_code="" if status == Message.Status.CANCELLED else "interrupted",
-                lease_expires_at=None,
-                finished_at=now,
-                updated_at=now,
-            )
-        reaped.append(message_id)
+        try:
+            if _reap(message_id, now):
+                reaped.append(message_id)
+        except Exception:  # noqa: BLE001 - one reply that cannot be ended must not block the others
+            # The rows come in id order every tick, so a failure here used to stop the reaping of
+            # every later reply for good (a log row written before pieces were checked to be strings
+            # could do it). This reply is tried again next tick; the log says which one it is.
+            logger.exception("could not reap reply %s", message_id)
     return reaped
+
+
+def _reap(message_id: int, now) -> bool:
+    with transaction.atomic():
+        row = (
+            Message.objects.select_for_update()
+            .filter(pk=message_id, status=Message.Status.STREAMING, lease_expires_at__lt=now)
+            .values("stop_requested")
+            .first()
+        )
+        if row is None:
+            return False  # renewed or finished meanwhile
+        text = "".join(text for _, text in reply_pieces(message_id=message_id, after=0))
+        status = Message.Status.CANCELLED if row["stop_requested"] else Message.Status.INTERRUPTED
+        Message.objects.filter(pk=message_id).update(
+            status=status,
+            content=text,
+            error_code="" if status == Message.Status.CANCELLED else "interrupted",
+            lease_expires_at=None,
+            finished_at=now,
+            updated_at=now,
+        )
+    return True
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,9 +8,11 @@ statements and COMMIT); SQLite keeps the transactions. Both must store the same 
 from __future__ import annotations
 
 import threading
+from datetime import timedelta
 
 import pytest
 from django.db import IntegrityError, connection, transaction
+from django.utils import timezone
 from django.test.utils import CaptureQueriesContext
 
 from ai_features import services
@@ -189,3 +191,20 @@ def test_a_write_that_waits_for_the_reapers_lock_then_finds_the_reply_reaped_sto
     reply = Message.objects.get(pk=message_id)
     assert (reply.status, reply.content) == ("interrupted", "what the reaper kept")
     assert not ReplyChunk.objects.filter(message_id=message_id).exists()
+
+
+def test_a_reply_that_cannot_be_reaped_does_not_block_the_others(user, caplog):
+    """The reaper takes expired replies in id order every tick: one whose end fails (here a log row
+    holding a piece that is not text, as written before pieces were checked) must not stop the
+    replies after it from being ended, tick after tick."""
+    bad, good = a_streaming_reply(user), a_streaming_reply(user)
+    services.reply_log_append(services.log_batches(good, ["kept ", "text"], logged=0))
+    ReplyChunk.objects.create(message_id=bad, first_seq=1, pieces=[["not", "text"]])
+    Message.objects.filter(pk__in=[bad, good]).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
+
+    assert services.reap_expired_replies() == [good]
+
+    assert Message.objects.get(pk=good).status == "interrupted"
+    assert Message.objects.get(pk=good).content == "kept text"
+    assert Message.objects.get(pk=bad).status == "streaming"  # tried again next tick, and logged:
+    assert f"could not reap reply {bad}" in caplog.text
