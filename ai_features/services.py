@@ -282,7 +282,7 @@ def _store_new_reply_in_one_statement(*, user, request: ReplyRequest, model: str
             " stamp AS (UPDATE {conversation} SET updated_at = %s WHERE id IN (SELECT id FROM target))"
         )
         target_params = [request.conversation_id, user.pk, *allowed_params, db_datetime(timezone.now())]
-    sql = statement(
+    template = (
         f"WITH lim AS (SELECT {_LIMITED_COUNTS}), {target},"
         # In the snapshot before the inserts, so the new message is not part of its own history.
         " hist AS (SELECT role, content, created_at, id FROM {message} WHERE conversation_id IN"
@@ -306,9 +306,7 @@ def _store_new_reply_in_one_statement(*, user, request: ReplyRequest, model: str
         user_message_record,
         reply_record,
     ]
-    with _atomic_inside_a_transaction(), connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        live, recent, conversation_id, user_message_id, reply_id, history = cursor.fetchone()
+    [(live, recent, conversation_id, user_message_id, reply_id, history)] = _one_statement(template, params)
     _refuse_over_limits(live, recent)
     if conversation_id is None:
         raise ApiError(HTTPStatus.NOT_FOUND, "Conversation not found.")
@@ -372,21 +370,17 @@ def reply_log_append(batches: list[LogBatch]) -> set[int]:
         # One statement, atomic by itself, instead of BEGIN, the lock, the insert and COMMIT: a
         # database thread is held for one round trip per tick, and a reply's final write (which
         # waits for a flush in flight) waits less. The lock is taken in id order, as _lock_streaming's.
-        with _atomic_inside_a_transaction(), connection.cursor() as cursor:
-            cursor.execute(
-                statement(
-                    f"WITH rows AS (SELECT * FROM {_LOG_ROWS}),"
-                    " live AS (SELECT id FROM {message} WHERE id IN (SELECT message_id FROM rows) AND status = %s"
-                    "  ORDER BY id FOR UPDATE),"
-                    " logged AS (INSERT INTO {chunk} (message_id, first_seq, pieces)"
-                    "  SELECT rows.message_id, rows.first_seq, rows.pieces"
-                    "  FROM rows WHERE rows.message_id IN (SELECT id FROM live))"
-                    " SELECT id FROM live"
-                ),
-                [_log_rows_json(batches), Message.Status.STREAMING],
-            )
-            live = {row[0] for row in cursor.fetchall()}
-        return set(ids) - live
+        rows = _one_statement(
+            f"WITH rows AS (SELECT * FROM {_LOG_ROWS}),"
+            " live AS (SELECT id FROM {message} WHERE id IN (SELECT message_id FROM rows) AND status = %s"
+            "  ORDER BY id FOR UPDATE),"
+            " logged AS (INSERT INTO {chunk} (message_id, first_seq, pieces)"
+            "  SELECT rows.message_id, rows.first_seq, rows.pieces"
+            "  FROM rows WHERE rows.message_id IN (SELECT id FROM live))"
+            " SELECT id FROM live",
+            [_log_rows_json(batches), Message.Status.STREAMING],
+        )
+        return set(ids) - {row[0] for row in rows}
     with transaction.atomic():
         live = _lock_streaming(ids)
         _insert_log_rows([b for b in batches if b.message_id in live])
@@ -455,17 +449,14 @@ def reply_finish(finish: ReplyFinish) -> bool:
         outcome.message_id, Message.Status.STREAMING,
     ]
     if connection.vendor == "postgresql":
-        with _atomic_inside_a_transaction(), connection.cursor() as cursor:
-            cursor.execute(
-                statement(
-                    f"WITH finished AS ({_FINISH} RETURNING id),"
-                    " logged AS (INSERT INTO {chunk} (message_id, first_seq, pieces)"
-                    f"  SELECT finished.id, rows.first_seq, rows.pieces FROM finished, {_LOG_ROWS})"
-                    " SELECT COUNT(*) FROM finished"
-                ),
-                [*params, _log_rows_json(finish.last_batches)],
-            )
-            return cursor.fetchone()[0] == 1
+        [(finished,)] = _one_statement(
+            f"WITH finished AS ({_FINISH} RETURNING id),"
+            " logged AS (INSERT INTO {chunk} (message_id, first_seq, pieces)"
+            f"  SELECT finished.id, rows.first_seq, rows.pieces FROM finished, {_LOG_ROWS})"
+            " SELECT COUNT(*) FROM finished",
+            [*params, _log_rows_json(finish.last_batches)],
+        )
+        return finished == 1
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute(statement(_FINISH), params)
         updated = cursor.rowcount == 1
@@ -474,11 +465,15 @@ def reply_finish(finish: ReplyFinish) -> bool:
     return updated
 
 
-def _atomic_inside_a_transaction():
-    """For a statement that is atomic by itself: inside a caller's transaction (tests, a view's
-    atomic block) a failed statement must not poison it, so a savepoint, as atomic() would make;
-    on its own it needs none, and no BEGIN and COMMIT round trips."""
-    return transaction.atomic() if connection.in_atomic_block else contextlib.nullcontext()
+def _one_statement(template: str, params: list) -> list[tuple]:
+    """PostgreSQL: run one statement that is atomic by itself (the store, the flush, the end) and
+    return its rows. On its own it needs no transaction, so no BEGIN and COMMIT round trips; inside a
+    caller's transaction (tests, a view's atomic block) a failed statement must not poison it, so
+    a savepoint, as atomic() would make."""
+    atomic = transaction.atomic() if connection.in_atomic_block else contextlib.nullcontext()
+    with atomic, connection.cursor() as cursor:
+        cursor.execute(statement(template), params)
+        return cursor.fetchall()
 
 
 def reply_renew_leases(message_ids: list[int]) -> set[int]:
