@@ -86,25 +86,22 @@ def test_multibyte_text_survives_intact(stream_service, model_server, user):
     assert Message.objects.get(pk=result.terminal["message_id"]).content == "".join(pieces)
 
 
-def test_a_nul_character_from_the_model_is_replaced_not_fatal(stream_service, model_server, user):
-    # PostgreSQL refuses NUL in text and jsonb; the reply must still stream, be logged and be stored.
-    pieces = ["before ", "a\x00b", " after"]
+@pytest.mark.parametrize(
+    ("pieces", "expected"),
+    [
+        # PostgreSQL refuses NUL in text and jsonb.
+        (["before ", "a\x00b", " after"], "before a\ufffdb after"),
+        # A server that splits an emoji's UTF-16 pair between deltas sends each half as a JSON
+        # escape (\ud83d, then \ude00); no UTF-8 text can hold a lone half.
+        (["smile ", "\ud83d", "\ude00", " done"], "smile \ufffd\ufffd done"),
+    ],
+    ids=["nul", "lone-surrogates"],
+)
+def test_model_text_no_database_can_store_is_replaced_not_fatal(stream_service, model_server, user, pieces, expected):
+    # The reply must still stream, be logged, be stored and replay the same.
     result = stream_service.client(user).send(scenario(chunks=pieces))
     assert result.terminal["type"] == "done" and result.terminal["status"] == "completed"
-    assert result.text == "before a\ufffdb after"
-    assert Message.objects.get(pk=result.terminal["message_id"]).content == result.text
-    replayed = stream_service.client(user).resume(result.terminal["message_id"], last_event_id=None)
-    assert replayed.text == result.text
-
-
-def test_a_lone_surrogate_from_the_model_is_replaced_not_fatal(stream_service, model_server, user):
-    # A server that splits an emoji's UTF-16 pair between deltas sends each half as a JSON escape
-    # (\ud83d, then \ude00). No UTF-8 text can hold a lone half: it must not break the stream's
-    # encoding, the log or the stored reply.
-    pieces = ["smile ", "\ud83d", "\ude00", " done"]
-    result = stream_service.client(user).send(scenario(chunks=pieces))
-    assert result.terminal["type"] == "done" and result.terminal["status"] == "completed"
-    assert result.text == "smile \ufffd\ufffd done"
+    assert result.text == expected
     assert Message.objects.get(pk=result.terminal["message_id"]).content == result.text
     replayed = stream_service.client(user).resume(result.terminal["message_id"], last_event_id=None)
     assert replayed.text == result.text
