@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -131,6 +132,8 @@ def run_worker(checkout: str, db: str, pg_url: str, calls: int, repeats: int) ->
         if db == "postgres":
             with psycopg.connect(pg_url, autocommit=True) as conn:
                 conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def main() -> None:
