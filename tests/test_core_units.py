@@ -138,6 +138,35 @@ def test_the_demo_model_streams_many_pieces_and_reports_usage():
     assert deltas[-1].finished and deltas[-1].completion_tokens == len([d for d in deltas if d.text])
 
 
+# --- Waking the watchers of a live reply ----------------------------------------------------------
+
+
+def test_a_watcher_misses_no_piece_and_one_that_left_does_not_stop_the_others():
+    """What arrives while a watcher is busy sending (after it looked at the version) wakes it at
+    once; a watcher cancelled while waiting (its client went away) leaves a cancelled future, and
+    the next piece still reaches everyone else."""
+    from ai_features.streaming.runtime import LiveReply
+
+    async def run() -> list[str]:
+        reply = LiveReply(start=StartEvent(1, 2, 3), model="m")
+        seen = reply.version
+        reply.append("a")  # arrives while the watcher is busy
+        await asyncio.wait_for(reply.changed_since(seen), 1)  # returns at once
+
+        leaving = asyncio.create_task(reply.changed_since(reply.version))
+        staying = asyncio.create_task(reply.changed_since(reply.version))
+        await asyncio.sleep(0)
+        assert not leaving.done() and not staying.done()  # nothing new: they wait
+        leaving.cancel()
+        await asyncio.sleep(0)
+        reply.append("b")
+        await asyncio.wait_for(staying, 1)
+        assert leaving.cancelled() and reply.waiters == []
+        return reply.pieces
+
+    assert asyncio.run(run()) == ["a", "b"]
+
+
 # --- The provider's reading of the model's stream --------------------------------------------------
 
 

@@ -95,7 +95,10 @@ class LiveReply:
     pieces: list[str] = field(default_factory=list)
     flushed: int = 0  # pieces already in the log
     terminal: TerminalEvent | None = None
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    # Bumped by every wake-up. A watcher that saw version v waits only while it is still v, so
+    # what arrives while it is sending a batch is never missed.
+    version: int = 0
+    waiters: list[asyncio.Future] = field(default_factory=list)
     task: asyncio.Task | None = None
     stop_reason: str | None = None  # "stopped", "shutdown", "gone" (deleted or reaped elsewhere)
     started: bool = False  # _generate is running (so a cancellation reaches its except clause)
@@ -122,10 +125,23 @@ class LiveReply:
 
     def _notify(self) -> None:
         # Wake every watcher at once; each one then reads what it has not seen yet. A wake with
-        # nothing new is a heartbeat (see GenerationRuntime._beat_forever).
+        # nothing new is a heartbeat (see GenerationRuntime._beat_forever). One bare future per
+        # waiting watcher rather than a new asyncio.Event per piece (an Event allocates a deque
+        # and binds itself to the loop under a global threading lock on its first wait): ~3 µs
+        # less per token, about 5 % of the pipeline's CPU (bench/pipeline.py).
         self.last_event_at = time.monotonic()
-        self.changed.set()
-        self.changed = asyncio.Event()
+        self.version += 1
+        waiters, self.waiters = self.waiters, []
+        for waiter in waiters:
+            if not waiter.done():  # a watcher that went away leaves its future cancelled
+                waiter.set_result(None)
+
+    async def changed_since(self, version: int) -> None:
+        """Return once the reply has changed since `version` (at once if it already has)."""
+        if self.version == version:
+            waiter = asyncio.get_running_loop().create_future()
+            self.waiters.append(waiter)
+            await waiter
 
     def request_stop(self, reason: str) -> None:
         if self.finishing or self.task is None or self.task.done():
@@ -236,6 +252,7 @@ class GenerationRuntime:
         reply.started = True
         status, error_code, error_message = "completed", "", ""
         model_finished = False
+        max_pieces = settings.MAX_REPLY_TOKENS  # read once: a Django setting costs ~0.4 µs a read
         try:
             if reply.stop_reason is not None:
                 raise asyncio.CancelledError  # stopped before it could start: end it the same way
@@ -247,7 +264,7 @@ class GenerationRuntime:
                             if time.monotonic() >= reply.lease_deadline:
                                 await self._confirm_lease(reply)
                             reply.append(delta.text)
-                            if len(reply.pieces) >= settings.MAX_REPLY_TOKENS:
+                            if len(reply.pieces) >= max_pieces:
                                 raise ReplyLimitReached
                         if delta.prompt_tokens is not None:
                             reply.prompt_tokens = delta.prompt_tokens
@@ -438,7 +455,7 @@ class GenerationRuntime:
         batch: list[ReplyEvent] = [reply.start] if after < 0 else []
         next_seq = max(after, 0) + 1
         while True:
-            changed = reply.changed
+            seen = reply.version
             pieces = reply.pieces
             if next_seq <= len(pieces):
                 batch += [ContentEvent(seq, pieces[seq - 1]) for seq in range(next_seq, len(pieces) + 1)]
@@ -452,7 +469,7 @@ class GenerationRuntime:
             if batch:
                 yield batch
                 batch = []
-            await changed.wait()  # already set if more arrived while the batch was being sent
+            await reply.changed_since(seen)  # at once if more arrived while the batch was being sent
             if next_seq > len(reply.pieces) and reply.terminal is None:
                 yield []  # woken with nothing new: a heartbeat
 
