@@ -131,17 +131,25 @@ class LiveReply:
         # less per token, about 5 % of the pipeline's CPU (bench/pipeline.py).
         self.last_event_at = time.monotonic()
         self.version += 1
-        waiters, self.waiters = self.waiters, []
-        for waiter in waiters:
-            if not waiter.done():  # a watcher that went away leaves its future cancelled
-                waiter.set_result(None)
+        if self.waiters:
+            waiters, self.waiters = self.waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     async def changed_since(self, version: int) -> None:
         """Return once the reply has changed since `version` (at once if it already has)."""
         if self.version == version:
             waiter = asyncio.get_running_loop().create_future()
             self.waiters.append(waiter)
-            await waiter
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                # The watcher's client went away: its future must not wait for the next wake-up
+                # (on a silent reply, a heartbeat interval away) to be let go.
+                if waiter in self.waiters:
+                    self.waiters.remove(waiter)
+                raise
 
     def request_stop(self, reason: str) -> None:
         if self.finishing or self.task is None or self.task.done():
