@@ -239,6 +239,32 @@ def test_a_model_server_that_never_accepts_the_connection_is_a_timeout_not_a_dis
     assert raised.value.code == "upstream_timeout"
 
 
+def test_the_model_server_gets_the_sdks_request_with_the_whole_context():
+    with FakeOpenAI(api_key="k") as server:
+        context = [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Ça va? \u2028 \"quoted\" \\ 😀"},
+            {"role": "assistant", "content": "Oui."},
+            {"role": "user", "content": "hi"},
+        ]
+
+        async def one_reply() -> str:
+            provider = OpenAIProvider(api_key="k", base_url=server.base_url, model="gpt-4o-mini", timeout_seconds=5)
+            try:
+                return "".join([d.text async for d in provider.stream(context)])
+            finally:
+                await provider.aclose()
+
+        assert asyncio.run(one_reply())
+        (request,) = server.wait_for_requests(1)
+    assert request.path == "/v1/chat/completions"
+    assert request.body == {"model": "gpt-4o-mini", "messages": context, "stream": True,
+                            "stream_options": {"include_usage": True}}
+    assert request.headers["content-type"] == "application/json"
+    assert request.headers["authorization"] == "Bearer k"
+    assert request.headers["user-agent"].startswith("AsyncOpenAI/Python")
+
+
 @pytest.mark.parametrize("end_delay_ms", [0, 30])
 def test_the_upstream_connection_is_reused_even_when_the_body_ends_after_done(end_delay_ms):
     # After [DONE] the provider reads on (briefly) to the end of the chunked body, so the pooled

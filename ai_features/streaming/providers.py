@@ -183,17 +183,19 @@ class OpenAIProvider:
             # would first walk every message through each of the SDK's message TypedDicts
             # (~150 µs of event-loop CPU per message of context, openai-python #3616), and then build
             # a pydantic ChatCompletionChunk per token (~60-130 µs each); a chat message here is only
-            # ever {"role", "content"} strings, which need neither. Closing the stream (also when
-            # this generator is cancelled by Stop) closes the upstream connection, so the model
-            # stops generating.
+            # ever {"role", "content"} strings, which need neither. The body goes as ready JSON
+            # bytes (the `content` of the request): given a dict, the SDK deep-copies it with its
+            # request options and serializes it with json.dumps, both per message of the context.
+            # Closing the stream (also when this generator is cancelled by Stop) closes the
+            # upstream connection, so the model stops generating.
             stream = await self.client.post(
                 "/chat/completions",
-                body={
+                content=orjson.dumps({
                     "model": self.model,
                     "messages": list(messages),
                     "stream": True,
                     "stream_options": {"include_usage": True},
-                },
+                }),
                 cast_to=object,
                 options={"security": {"bearer_auth": True}},  # the API key only, as create() sends
                 stream=True,
