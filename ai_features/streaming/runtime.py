@@ -127,8 +127,8 @@ class LiveReply:
         # Wake every watcher at once; each one then reads what it has not seen yet. A wake with
         # nothing new is a heartbeat (see GenerationRuntime._beat_forever). One bare future per
         # waiting watcher rather than a new asyncio.Event per piece (an Event allocates a deque
-        # and binds itself to the loop under a global threading lock on its first wait): ~3 µs
-        # less per token, about 5 % of the pipeline's CPU (bench/pipeline.py).
+        # and binds itself to the loop under a global threading lock on its first wait): 2-3 µs
+        # less per token (bench/pipeline.py, docs/benchmarks.md round 8).
         self.last_event_at = time.monotonic()
         self.version += 1
         if self.waiters:
