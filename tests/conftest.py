@@ -38,6 +38,20 @@ def _test_settings(settings):
     return settings
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _background_runtime_stops_before_the_test_database_goes(django_db_setup, django_db_blocker) -> Iterator[None]:
+    """The Django fallback's generation runtime (one per process, on a daemon thread) runs its
+    maintenance loop until the process exits. Left to its atexit hook, one last tick could meet the
+    dropped test database and log the failure to a stream already closed. Stopped here, it ends
+    while the database still exists: this fixture needs django_db_setup, so it is torn down first."""
+    yield
+    from ai_features.streaming import background
+
+    if background._instance is not None:
+        with django_db_blocker.unblock():
+            background._instance.shutdown()
+
+
 # --- Users ------------------------------------------------------------------------------------------
 
 
