@@ -18,14 +18,14 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench.checkouts import ROOT, alternating, run_worker
+
 WORKS = ("auth", "start-new", "start-follow-up", "flush-128", "finish")
 
 
@@ -110,7 +110,7 @@ def measure(checkout: str, calls: int, repeats: int) -> dict[str, float]:
     return results
 
 
-def run_worker(checkout: str, db: str, pg_url: str, calls: int, repeats: int) -> dict[str, float]:
+def measure_in_a_worker(checkout: str, db: str, pg_url: str, calls: int, repeats: int) -> dict[str, float]:
     env = dict(os.environ, SECRET_KEY=os.environ.get("SECRET_KEY", "bench-" + "s" * 50), DB_CONN_MAX_AGE="600")
     if db == "postgres":
         import psycopg
@@ -123,11 +123,7 @@ def run_worker(checkout: str, db: str, pg_url: str, calls: int, repeats: int) ->
         scratch = tempfile.mkdtemp(prefix="c3-statements-")
         env["DATABASE_URL"] = f"sqlite:///{scratch}/db.sqlite3"
     try:
-        out = subprocess.run([sys.executable, "-m", "bench.statements", "--worker", checkout, "--calls", str(calls),
-                              "--repeats", str(repeats)], cwd=ROOT, env=env, capture_output=True, text=True, check=False)
-        if out.returncode:
-            raise SystemExit(f"worker for {checkout} failed:\n{out.stderr[-3000:]}")
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        return run_worker("bench.statements", checkout, ["--calls", str(calls), "--repeats", str(repeats)], env)
     finally:
         if db == "postgres":
             with psycopg.connect(pg_url, autocommit=True) as conn:
@@ -151,11 +147,10 @@ def main() -> None:
         return
     checkouts = [str(ROOT), *args.candidate]
     results: dict[str, list[dict[str, float]]] = {c: [] for c in checkouts}
-    for round_ in range(args.rounds):
-        for checkout in checkouts if round_ % 2 == 0 else reversed(checkouts):
-            results[checkout].append(run_worker(checkout, args.db, args.pg_url, args.calls, args.repeats))
-            print(f"round {round_ + 1}, {checkout}: " + ", ".join(f"{k} {v:.0f}" for k, v in results[checkout][-1].items()),
-                  file=sys.stderr)
+    for round_, checkout in alternating(checkouts, args.rounds):
+        results[checkout].append(measure_in_a_worker(checkout, args.db, args.pg_url, args.calls, args.repeats))
+        print(f"round {round_ + 1}, {checkout}: " + ", ".join(f"{k} {v:.0f}" for k, v in results[checkout][-1].items()),
+              file=sys.stderr)
     print(f"\n{args.db}, µs of thread CPU per call (median of {args.rounds} rounds)\n")
     print("| checkout | " + " | ".join(WORKS) + " |")
     print("|---|" + "---|" * len(WORKS))
