@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench.checkouts import ROOT, alternating, run_worker
 
 
 def measure(checkout: str, base_url: str, replies: int, repeats: int) -> dict[str, float]:
@@ -40,12 +40,13 @@ def measure(checkout: str, base_url: str, replies: int, repeats: int) -> dict[st
     import uvloop
 
     import asgi_stream  # the sidecar's own response class (it sets Django up)
-    from ai_features.streaming import service
+    from ai_features.streaming import runtime as runtime_module
     from ai_features.streaming.events import StartEvent
     from ai_features.streaming.providers import OpenAIProvider
     from ai_features.streaming.runtime import GenerationRuntime
+    from ai_features.streaming.sse import sse_bytes
 
-    assert Path(service.__file__).resolve().is_relative_to(Path(checkout).resolve()), service.__file__
+    assert Path(runtime_module.__file__).resolve().is_relative_to(Path(checkout).resolve()), runtime_module.__file__
     # What uvicorn (httptools) passes: its ASGI spec version decides how Starlette watches for a disconnect.
     scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "method": "POST"}
 
@@ -58,30 +59,29 @@ def measure(checkout: str, base_url: str, replies: int, repeats: int) -> dict[st
 
         runtime._store_finish = stored  # the reply's end is not written
         never = asyncio.Event()
-        received = {"events": 0}
+        received = {"tokens": 0}
 
         async def receive():
             await never.wait()
 
         async def send(message) -> None:
-            received["events"] += message.get("body", b"").count(b"\n\n")
+            received["tokens"] += message.get("body", b"").count(b'"type": "content"')
 
         next_id = iter(range(1, 10**9))
 
         async def one_reply() -> None:
             message_id = next(next_id)
             runtime.launch(StartEvent(1, 1, message_id), [{"role": "user", "content": "hello"}], provider)
-            body = service._sse(runtime, message_id, after=-1)
+            body = sse_bytes(runtime.watch(message_id, after=-1))  # what the sidecar's stream endpoint returns
             await asgi_stream.sse_response(body)(scope, receive, send)
 
         await asyncio.gather(*(one_reply() for _ in range(min(replies, 8))))  # warm-up: connections, caches
         samples = []
         for _ in range(repeats):
-            received["events"] = 0
+            received["tokens"] = 0
             began = time.process_time()
             await asyncio.gather(*(one_reply() for _ in range(replies)))
-            tokens = received["events"] - 2 * replies  # less each reply's start and done events
-            samples.append((time.process_time() - began) / tokens * 1e6)
+            samples.append((time.process_time() - began) / received["tokens"] * 1e6)
         await provider.aclose()
         return {"µs per token": statistics.median(samples)}
 
@@ -108,16 +108,11 @@ def main() -> None:
         env = dict(os.environ, SECRET_KEY=os.environ.get("SECRET_KEY", "bench-" + "s" * 50))
         checkouts = [str(ROOT), *args.candidate]
         results: dict[str, list[float]] = {c: [] for c in checkouts}
-        for round_ in range(args.rounds):
-            for checkout in checkouts if round_ % 2 == 0 else reversed(checkouts):
-                out = subprocess.run(
-                    [sys.executable, "-m", "bench.pipeline", "--worker", checkout, "--base-url",
-                     f"http://127.0.0.1:{port}/v1", "--replies", str(args.replies), "--repeats", str(args.repeats)],
-                    cwd=ROOT, env=env, capture_output=True, text=True, check=False)
-                if out.returncode:
-                    raise SystemExit(f"worker for {checkout} failed:\n{out.stderr[-3000:]}")
-                results[checkout].append(json.loads(out.stdout.strip().splitlines()[-1])["µs per token"])
-                print(f"round {round_ + 1}, {checkout}: {results[checkout][-1]:.1f} µs per token", file=sys.stderr)
+        worker_args = ["--base-url", f"http://127.0.0.1:{port}/v1", "--replies", str(args.replies),
+                       "--repeats", str(args.repeats)]
+        for round_, checkout in alternating(checkouts, args.rounds):
+            results[checkout].append(run_worker("bench.pipeline", checkout, worker_args, env)["µs per token"])
+            print(f"round {round_ + 1}, {checkout}: {results[checkout][-1]:.1f} µs per token", file=sys.stderr)
     finally:
         mock.terminate()
         mock.wait()
