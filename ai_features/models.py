@@ -70,6 +70,14 @@ class Message(models.Model):
             models.Index(fields=["conversation", "created_at"], name="message_conversation_time"),
             models.Index(fields=["user", "created_at"], name="message_user_time"),
             models.Index(fields=["status", "lease_expires_at"], name="message_live_lease"),
+            # Only the replies still generating: the per-user concurrency limit, checked by every
+            # send, reads the sender's own live replies here instead of every live reply of every
+            # user (message_live_lease), so its cost does not grow with the number of streams.
+            models.Index(
+                fields=["user", "lease_expires_at"],
+                condition=Q(status="streaming", role="assistant"),
+                name="message_user_live",
+            ),
         ]
         constraints = [
             models.UniqueConstraint(

@@ -130,10 +130,15 @@ def _refuse_over_limits(live: int, recent: int) -> None:
 
 
 # The user's replies still generating and messages of the last minute, each counted only up to its
-# limit (the answer is the same, and the work stays bounded however high a limit is set).
+# limit (the answer is the same, and the work stays bounded however high a limit is set). The live
+# count is answered by the partial index of live replies by user (message_user_live). A planner uses
+# a partial index only when the query's terms imply the index's condition, so the role and status it
+# names are written into the SQL rather than bound: a prepared statement's generic plan cannot see
+# through a parameter.
 _LIMITED_COUNTS = (
-    "(SELECT COUNT(*) FROM (SELECT 1 FROM {message} WHERE user_id = %s AND role = %s"
-    " AND status = %s AND lease_expires_at > %s LIMIT %s) AS live_rows) AS live,"
+    "(SELECT COUNT(*) FROM (SELECT 1 FROM {message} WHERE user_id = %s"
+    f" AND status = '{Message.Status.STREAMING}' AND role = '{Message.Role.ASSISTANT}'"
+    " AND lease_expires_at > %s LIMIT %s) AS live_rows) AS live,"
     " (SELECT COUNT(*) FROM (SELECT 1 FROM {message} WHERE user_id = %s AND role = %s"
     " AND created_at >= %s LIMIT %s) AS recent_rows) AS recent"
 )
@@ -141,7 +146,7 @@ _LIMITED_COUNTS = (
 
 def _limited_counts_params(user_id: int, now) -> list:
     return [
-        user_id, Message.Role.ASSISTANT, Message.Status.STREAMING, db_datetime(now),
+        user_id, db_datetime(now),
         max(settings.MAX_CONCURRENT_REPLIES_PER_USER, 0),  # PostgreSQL refuses LIMIT -1
         user_id, Message.Role.USER, db_datetime(now - timedelta(minutes=1)),
         max(settings.RATE_LIMIT_MESSAGES_PER_MINUTE, 0),

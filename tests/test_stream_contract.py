@@ -377,6 +377,38 @@ def test_the_limits_count_live_replies_and_this_minutes_messages_of_the_caller_o
         services._check_rate_limits(user)
 
 
+def test_the_live_reply_count_reads_the_senders_live_replies_only(user):
+    """Every send counts the sender's live replies. Through the partial index of live replies by user,
+    that is an index lookup of those few rows; without it, the count read every live reply of every
+    user (message_live_lease) or the sender's whole history (the user index), whichever the planner
+    chose. This holds the index and the query's terms that let a planner use it."""
+    from django.db import connection
+    from django.utils import timezone
+
+    from ai_features import services
+    from ai_features.sql import statement
+
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            # An empty test table has no statistics for the planner to weigh: rule out the plans
+            # that need none (a sequential scan, a bitmap of another index) to see which index
+            # the terms allow.
+            cursor.execute("SET enable_seqscan = off")
+            cursor.execute("SET enable_bitmapscan = off")
+            explain = "EXPLAIN SELECT "
+        else:
+            explain = "EXPLAIN QUERY PLAN SELECT "
+        try:
+            cursor.execute(statement(explain + services._LIMITED_COUNTS),
+                           services._limited_counts_params(user.pk, timezone.now()))
+            plan = "\n".join(str(row) for row in cursor.fetchall())
+        finally:
+            if connection.vendor == "postgresql":
+                cursor.execute("RESET enable_seqscan")
+                cursor.execute("RESET enable_bitmapscan")
+    assert "message_user_live" in plan, plan
+
+
 @pytest.mark.parametrize("limit", ["generating", "per_minute"])
 def test_a_retry_of_a_stored_message_is_not_refused_by_the_limits_it_counts_against(
     stream_service, model_server, user, settings, limit
