@@ -897,6 +897,11 @@ def test_screenshots(browser, context, stack, upstream, tmp_path):
         wait_status(last_assistant(mobile), "completed")
         _check_rendering(mobile)
         expect(mobile.locator("#sidebar")).not_to_be_in_viewport()
+        # The metadata is wider than a phone: it wraps, and the copy button stays on its right.
+        reply = last_assistant(mobile)
+        meta = reply.get_by_test_id("message-meta").bounding_box()
+        copy = reply.get_by_role("button", name="Copy reply").bounding_box()
+        assert copy["x"] >= meta["x"] + meta["width"] and copy["y"] < meta["y"] + meta["height"], (meta, copy)
         assert _background_luminance(mobile) < 0.2
         mobile.wait_for_timeout(300)
         phone = docs / "screenshot-mobile.png"

@@ -224,7 +224,8 @@ function formatMeta(meta) {
     parts.push(`${tps >= 100 ? Math.round(tps) : tps.toFixed(1)} tok/s`);
     titles.push(`Completion tokens per second after the first token: ${tps.toFixed(1)}`);
   }
-  return { text: parts.join(' · '), title: titles.join('\n') };
+  // No-break spaces inside each part: a narrow footer wraps between the parts, never inside one.
+  return { text: parts.map((part) => part.replace(/ /g, '\u00a0')).join(' · '), title: titles.join('\n') };
 }
 
 const STATUS_NOTES = {
