@@ -30,12 +30,13 @@ def _loop(conn) -> None:
     pg = None
     config: MonitorConfig | None = None
     samples: list[dict] = []
+    cpu_before: dict[str, tuple[float, float]] = {}  # name -> (monotonic time, CPU seconds) at the last sample
     while True:
         timeout = config.interval if config else None
         if conn.poll(timeout):
             command, payload = conn.recv()
             if command == "begin":
-                config, samples = payload, []
+                config, samples, cpu_before = payload, [], {}
                 if config.pg_dsn and pg is None:
                     import psycopg
 
@@ -53,6 +54,13 @@ def _loop(conn) -> None:
         sample = {"t": time.monotonic()}
         for name, pids in config.pids.items():
             sample[f"rss_kib.{name}"] = _rss_kib(pids)
+            # Cores this process tree kept busy since the last sample: a step's average hides the
+            # moments its event loop is saturated (the ramp and the tail of a step run lighter).
+            cpu = sum(procstat.cpu_seconds(p, tree=False) for p in pids)
+            if name in cpu_before:
+                then, cpu_then = cpu_before[name]
+                sample[f"cores.{name}"] = round((cpu - cpu_then) / (sample["t"] - then), 3)
+            cpu_before[name] = (sample["t"], cpu)
         for name in config.sidecars:
             pids = config.pids.get(name, [])
             if not pids:
@@ -83,7 +91,9 @@ def _summary(samples: list[dict]) -> dict:
     for key in keys:
         values = [s[key] for s in samples if key in s]
         if values:
-            out[key] = {"max": max(values), "mean": round(sum(values) / len(values), 2)}
+            ranked = sorted(values)
+            out[key] = {"max": ranked[-1], "mean": round(sum(values) / len(values), 2),
+                        "p90": ranked[min(len(ranked) - 1, int(0.9 * len(ranked)))]}
     return out
 
 
