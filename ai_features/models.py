@@ -78,6 +78,9 @@ class Message(models.Model):
                 condition=Q(status="streaming", role="assistant"),
                 name="message_user_live",
             ),
+            # Only the live replies someone asked to stop: every process polls these ten times a
+            # second, and the poll reads just them, however many replies are live.
+            models.Index(fields=["id"], condition=Q(stop_requested=True, status="streaming"), name="message_stop_requested"),
         ]
         constraints = [
             models.UniqueConstraint(

@@ -492,21 +492,21 @@ def reply_renew_leases(message_ids: list[int]) -> set[int]:
     return renewed
 
 
-def replies_to_stop(message_ids: list[int]) -> dict[int, str]:
-    """Of these live replies, those to stop and why: "stopped" (Stop through another process) or
-    "gone" (deleted, or reaped while this process was stalled)."""
-    if not message_ids:
-        return {}
-    rows = dict(
-        Message.objects.filter(pk__in=message_ids, status=Message.Status.STREAMING).values_list("pk", "stop_requested")
-    )
-    reasons: dict[int, str] = {}
-    for message_id in message_ids:
-        if message_id not in rows:
-            reasons[message_id] = "gone"
-        elif rows[message_id]:
-            reasons[message_id] = "stopped"
-    return reasons
+# The condition is message_stop_requested's, written out so that a planner can see it holds.
+_STOP_REQUESTS = f"SELECT id FROM {{message}} WHERE stop_requested AND status = '{Message.Status.STREAMING}'"
+
+
+def stop_requests() -> list[int]:
+    """The live replies someone asked to stop (through any process): usually none.
+
+    It reads only those rows (message_stop_requested), not the caller's live replies one by one: a
+    poll ten times a second that named every live reply cost 2 ms of a database thread's CPU at 128
+    live replies and 13 ms at 2,000. A reply deleted or reaped elsewhere is found by the log flush
+    (while it streams) and the lease renewal instead. Hand-written like the statements every reply
+    runs (ai_features/sql.py): as a queryset it cost ~0.4 ms of CPU, ten times a second."""
+    with connection.cursor() as cursor:
+        cursor.execute(statement(_STOP_REQUESTS))
+        return [message_id for (message_id,) in cursor.fetchall()]
 
 
 def reply_request_stop(*, message_id: int) -> None:

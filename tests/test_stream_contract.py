@@ -377,36 +377,61 @@ def test_the_limits_count_live_replies_and_this_minutes_messages_of_the_caller_o
         services._check_rate_limits(user)
 
 
+def query_plan(sql: str, params: list | None = None) -> str:
+    """The plan the database would run `sql` with. On PostgreSQL an empty test table has no
+    statistics for the planner to weigh, so the plans that need none (a sequential scan, a bitmap of
+    another index) are ruled out: what is left shows which index the query's terms allow."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        if connection.vendor != "postgresql":
+            cursor.execute("EXPLAIN QUERY PLAN " + sql, params or [])
+            return "\n".join(str(row) for row in cursor.fetchall())
+        cursor.execute("SET enable_seqscan = off")
+        cursor.execute("SET enable_bitmapscan = off")
+        try:
+            cursor.execute("EXPLAIN " + sql, params or [])
+            return "\n".join(str(row) for row in cursor.fetchall())
+        finally:
+            cursor.execute("RESET enable_seqscan")
+            cursor.execute("RESET enable_bitmapscan")
+
+
 def test_the_live_reply_count_reads_the_senders_live_replies_only(user):
     """Every send counts the sender's live replies. Through the partial index of live replies by user,
     that is an index lookup of those few rows; without it, the count read every live reply of every
     user (message_live_lease) or the sender's whole history (the user index), whichever the planner
     chose. This holds the index and the query's terms that let a planner use it."""
-    from django.db import connection
     from django.utils import timezone
 
     from ai_features import services
     from ai_features.sql import statement
 
-    with connection.cursor() as cursor:
-        if connection.vendor == "postgresql":
-            # An empty test table has no statistics for the planner to weigh: rule out the plans
-            # that need none (a sequential scan, a bitmap of another index) to see which index
-            # the terms allow.
-            cursor.execute("SET enable_seqscan = off")
-            cursor.execute("SET enable_bitmapscan = off")
-            explain = "EXPLAIN SELECT "
-        else:
-            explain = "EXPLAIN QUERY PLAN SELECT "
-        try:
-            cursor.execute(statement(explain + services._LIMITED_COUNTS),
-                           services._limited_counts_params(user.pk, timezone.now()))
-            plan = "\n".join(str(row) for row in cursor.fetchall())
-        finally:
-            if connection.vendor == "postgresql":
-                cursor.execute("RESET enable_seqscan")
-                cursor.execute("RESET enable_bitmapscan")
+    plan = query_plan(statement("SELECT " + services._LIMITED_COUNTS), services._limited_counts_params(user.pk, timezone.now()))
     assert "message_user_live" in plan, plan
+
+
+def test_the_stop_poll_finds_the_live_replies_asked_to_stop_and_reads_only_those(user, other_user):
+    """Each process polls for Stop requests made through the others ten times a second. The poll
+    names no replies: it reads the live ones asked to stop (through message_stop_requested), so its
+    cost does not grow with the replies the process holds. (SQLite's planner, with no statistics,
+    reads the live replies through the status index instead: fine at a quick start's scale.)"""
+    from django.db import connection
+
+    from ai_features import services
+    from ai_features.sql import statement
+
+    wanted = []
+    for owner in (user, other_user):
+        conversation = Conversation.objects.create(user=owner, title="stop poll")
+        for status, stop in [("streaming", True), ("streaming", False), ("cancelled", True), ("completed", False)]:
+            reply = Message.objects.create(conversation=conversation, user=owner, role="assistant", status=status,
+                                           stop_requested=stop)
+            if status == "streaming" and stop:
+                wanted.append(reply.pk)
+    assert sorted(services.stop_requests()) == sorted(wanted)
+    if connection.vendor == "postgresql":
+        assert "message_stop_requested" in query_plan(statement(services._STOP_REQUESTS))
 
 
 @pytest.mark.parametrize("limit", ["generating", "per_minute"])

@@ -382,10 +382,9 @@ class GenerationRuntime:
                     last_flush = now
                     await self._flush()
                 if self.live:
-                    reasons = await run_db(services.replies_to_stop, list(self.live))
-                    for message_id, reason in reasons.items():
+                    for message_id in await run_db(services.stop_requests):
                         if reply := self.live.get(message_id):
-                            reply.request_stop(reason)
+                            reply.request_stop("stopped")
                 if now - last_renew >= lease / 3:
                     last_renew = now
                     await self._renew_leases()
