@@ -486,6 +486,17 @@ def reply_renew_leases(message_ids: list[int]) -> set[int]:
     if not message_ids:
         return set()
     expires = timezone.now() + timedelta(seconds=settings.GENERATION_LEASE_SECONDS)
+    if connection.vendor == "postgresql":
+        # One statement (the lock in id order, as _lock_streaming's, then the update) with the ids
+        # as one JSON parameter: the ORM's transaction of two statements, each with a placeholder
+        # per id, held a database thread (and the GIL) for 17 ms of CPU at 2,000 live replies.
+        rows = _one_statement(
+            "WITH live AS (SELECT id FROM {message} WHERE id IN"
+            "  (SELECT value::bigint FROM json_array_elements_text(%s::json)) AND status = %s ORDER BY id FOR UPDATE)"
+            " UPDATE {message} SET lease_expires_at = %s WHERE id IN (SELECT id FROM live) RETURNING id",
+            [orjson.dumps(message_ids).decode(), Message.Status.STREAMING, db_datetime(expires)],
+        )
+        return {message_id for (message_id,) in rows}
     with transaction.atomic():
         renewed = _lock_streaming(message_ids)
         Message.objects.filter(pk__in=renewed).update(lease_expires_at=expires)

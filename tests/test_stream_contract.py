@@ -434,6 +434,24 @@ def test_the_stop_poll_finds_the_live_replies_asked_to_stop_and_reads_only_those
         assert "message_stop_requested" in query_plan(statement(services._STOP_REQUESTS))
 
 
+def test_a_lease_renewal_extends_the_live_replies_named_and_nothing_else(user, settings):
+    from datetime import timedelta
+
+    from ai_features import services
+
+    settings.GENERATION_LEASE_SECONDS = 30
+    conversation = Conversation.objects.create(user=user, title="leases")
+    soon = timezone.now() + timedelta(seconds=1)
+    live, other_live, finished = (
+        Message.objects.create(conversation=conversation, user=user, role="assistant", status=status, lease_expires_at=soon)
+        for status in ("streaming", "streaming", "completed")
+    )
+    assert services.reply_renew_leases([finished.pk, live.pk, 10**12]) == {live.pk}
+    leases = dict(Message.objects.values_list("pk", "lease_expires_at"))
+    assert leases[live.pk] > timezone.now() + timedelta(seconds=25)
+    assert leases[other_live.pk] == leases[finished.pk] == soon  # not named, or no longer live
+
+
 @pytest.mark.parametrize("limit", ["generating", "per_minute"])
 def test_a_retry_of_a_stored_message_is_not_refused_by_the_limits_it_counts_against(
     stream_service, model_server, user, settings, limit
