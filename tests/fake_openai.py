@@ -12,7 +12,8 @@ Behaviour is chosen per request: if the last ``user`` message starts with ``#fak
 Scenario keys (all optional): ``reply``, ``chunk_chars``, ``chunks``, ``first_delay_ms``,
 ``delay_ms``, ``jitter``, ``status``, ``error_message``, ``drop_after``, ``hang``,
 ``finish_reason``, ``usage`` (false: no usage chunk; an object: that usage, as given), ``end_delay_ms`` (the chunked body's end follows ``[DONE]`` after
-this delay). A directive with neither ``reply`` nor ``chunks`` replies
+this delay), ``chunks_hex`` (each delta's content as raw bytes, given in hex and written into the
+JSON string as they are: a server that splits a character's UTF-8 bytes between deltas). A directive with neither ``reply`` nor ``chunks`` replies
 with a short fixed text (or nothing at all when ``hang`` is set).
 
 CLI: ``python -m tests.fake_openai --host 127.0.0.1 --port 0 --profile default [--api-key K]``
@@ -578,12 +579,16 @@ class FakeOpenAI:
     def _deltas(self, sc: dict[str, Any]) -> list[Any]:
         if "contents" in sc:  # each delta's `content` as given, any JSON value: a malformed server
             return list(sc["contents"])
+        if "chunks_hex" in sc:
+            return [bytes.fromhex(c) for c in sc["chunks_hex"]]
         chunks = sc.get("chunks")
         if chunks is not None:
             return [str(c) for c in chunks]
         return _split_reply(str(sc.get("reply", "")), sc.get("chunk_chars"))
 
     def _delta_json(self, text: Any) -> bytes:
+        if isinstance(text, bytes):  # raw bytes in a JSON string; only what JSON must escape is escaped
+            return b'"' + text.replace(b"\\", b"\\\\").replace(b'"', b'\\"').replace(b"\n", b"\\n") + b'"'
         if not isinstance(text, str):
             return _dumps(text)
         cached = self._delta_json_cache.get(text)

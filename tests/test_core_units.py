@@ -197,10 +197,12 @@ def test_data_lines_are_found_whatever_the_line_ends_and_read_boundaries(reads):
     assert _data_lines(reads) == [b'{"a":1}', b'{"a":2}', b"[DONE]"]
 
 
-def test_a_chunk_with_invalid_utf8_is_read_with_replacement_characters():
+def test_a_chunk_with_half_a_character_is_read_with_the_half_kept_for_the_next_delta():
     from ai_features.streaming.providers import _parse_chunk
 
-    assert _parse_chunk(b'{"t": "caf\xc3"}') == {"t": "caf\ufffd"}  # half of "é"
+    assert _parse_chunk(b'{"t": "caf\xc3"}') == ({"t": "caf\udcc3"}, "bytes")  # half of "é", as surrogateescape
+    assert _parse_chunk(b'{"t": "\\ud83d"}') == ({"t": "\ud83d"}, "escapes")  # half of an emoji's UTF-16 pair
+    assert _parse_chunk(b'{"t": "caf\xc3\xa9"}') == ({"t": "caf\u00e9"}, None)
 
 
 def test_a_model_server_that_never_accepts_the_connection_is_a_timeout_not_a_disconnect():

@@ -91,11 +91,11 @@ def test_multibyte_text_survives_intact(stream_service, model_server, user):
     [
         # PostgreSQL refuses NUL in text and jsonb.
         (["before ", "a\x00b", " after"], "before a\ufffdb after"),
-        # A server that splits an emoji's UTF-16 pair between deltas sends each half as a JSON
-        # escape (\ud83d, then \ude00); no UTF-8 text can hold a lone half.
-        (["smile ", "\ud83d", "\ude00", " done"], "smile \ufffd\ufffd done"),
+        # Half of an emoji's UTF-16 pair, as a JSON escape (\ud83d), with no other half to join:
+        # no UTF-8 text can hold it.
+        (["smile ", "\ud83d", " done"], "smile \ufffd done"),
     ],
-    ids=["nul", "lone-surrogates"],
+    ids=["nul", "lone-surrogate"],
 )
 def test_model_text_no_database_can_store_is_replaced_not_fatal(stream_service, model_server, user, pieces, expected):
     # The reply must still stream, be logged, be stored and replay the same.
@@ -105,6 +105,36 @@ def test_model_text_no_database_can_store_is_replaced_not_fatal(stream_service, 
     assert Message.objects.get(pk=result.terminal["message_id"]).content == result.text
     replayed = stream_service.client(user).resume(result.terminal["message_id"], last_event_id=None)
     assert replayed.text == result.text
+
+
+def hexes(*parts: str | bytes) -> list[str]:
+    return [(part.encode() if isinstance(part, str) else part).hex() for part in parts]
+
+
+@pytest.mark.parametrize(
+    ("deltas", "expected"),
+    [
+        # An emoji's UTF-16 pair cut between two deltas, each half a JSON escape (as JavaScript's
+        # JSON.stringify writes a lone half).
+        ({"chunks": ["smile ", "\ud83d", "\ude00", " done"]}, "smile \U0001f600 done"),
+        # A character's UTF-8 bytes cut between two events: each event's JSON is invalid UTF-8.
+        ({"chunks_hex": hexes("smile ", b"\xf0\x9f", b"\x98\x80 done")}, "smile \U0001f600 done"),
+        ({"chunks_hex": hexes(b"caf\xc3", b"\xa9 ", b"\xe6\x97", b"\xa5\xe6\x9c\xac")}, "café 日本"),
+        # What cannot be joined becomes U+FFFD, as before: a sequence the next delta does not
+        # finish, and one the reply ends in the middle of.
+        ({"chunks_hex": hexes(b"caf\xc3", " ok")}, "caf\ufffd ok"),
+        ({"chunks_hex": hexes("end ", b"\xf0\x9f")}, "end \ufffd"),
+    ],
+    ids=["utf16-pair", "utf8-emoji", "utf8-several", "utf8-unfinished", "utf8-cut-at-the-end"],
+)
+def test_a_character_the_model_server_split_between_deltas_arrives_whole(stream_service, model_server, user,
+                                                                          deltas, expected):
+    result = stream_service.client(user).send(scenario(**deltas))
+    assert result.terminal["type"] == "done" and result.terminal["status"] == "completed"
+    assert result.text == expected
+    assert Message.objects.get(pk=result.terminal["message_id"]).content == expected
+    replayed = stream_service.client(user).resume(result.terminal["message_id"], last_event_id=None)
+    assert replayed.text == expected
 
 
 def test_continuing_a_conversation_sends_history_in_order(stream_service, model_server, user, settings):

@@ -7,6 +7,7 @@ A provider turns the context into an async stream of `Delta`s and reports failur
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 import logging
 import re
@@ -17,8 +18,6 @@ from typing import Protocol
 import httpx2
 import openai
 import orjson
-
-from .validation import SURROGATE
 
 logger = logging.getLogger(__name__)
 
@@ -74,26 +73,66 @@ async def _sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         yield pending[5:].strip()
 
 
-def _parse_chunk(payload: bytes):
+def _parse_chunk(payload: bytes) -> tuple[object, str | None]:
+    """The chunk, and what its strings may hold of a character the server split between two deltas:
+    None (nothing: orjson read it), "bytes" (the payload is not valid UTF-8: its stray bytes are kept
+    as surrogateescape characters) or "escapes" (lone UTF-16 surrogates from \\u escapes).
+
+    orjson refuses both. Some servers cut a character's UTF-8 bytes between two events, others an
+    emoji's UTF-16 pair (\\ud83d in one delta, \\ude00 in the next). Neither half has a UTF-8 form
+    (the SSE encoder and both databases refuse it), but joined they are the character:
+    `_SplitCharacters` joins them."""
     try:
-        return orjson.loads(payload)
+        return orjson.loads(payload), None
     except orjson.JSONDecodeError:
-        # orjson refuses invalid UTF-8, which some servers emit when they split a character
-        # between chunks, and a lone surrogate escape (\\ud83d), which a server that splits an
-        # emoji's UTF-16 pair between chunks sends. Decode them as the SDK would (replacement
-        # characters) rather than fail; json keeps a lone surrogate, which no UTF-8 text can hold
-        # (the SSE encoder and both databases would refuse it), so it is replaced too.
-        return _without_lone_surrogates(json.loads(payload.decode("utf-8", "replace")))
+        pass
+    try:
+        return json.loads(payload.decode("utf-8")), "escapes"
+    except UnicodeDecodeError:
+        return json.loads(payload.decode("utf-8", "surrogateescape")), "bytes"
 
 
-def _without_lone_surrogates(value):
-    if isinstance(value, str):
-        return SURROGATE.sub("\ufffd", value)
-    if isinstance(value, dict):
-        return {key: _without_lone_surrogates(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_without_lone_surrogates(item) for item in value]
-    return value
+_OTHER_SURROGATE = re.compile("[\ud800-\udc7f\udd00-\udfff]")
+_HIGH_SURROGATE = re.compile("[\ud800-\udbff]")
+
+
+class _SplitCharacters:
+    """Joins, across the deltas of one reply, a character the model server split between two of
+    them; what cannot be joined becomes U+FFFD, as the SDK's own decoding would make it.
+
+    Only text from the slow parse (`_parse_chunk`'s "bytes" or "escapes"), or following a held
+    half, comes here: text orjson read is whole, and costs one attribute check per delta."""
+
+    def __init__(self) -> None:
+        self._bytes = codecs.getincrementaldecoder("utf-8")("replace")  # the start of a UTF-8 sequence
+        self._high = ""  # a high surrogate waiting for its low half
+        self.holding = False
+
+    def join(self, text: str, mode: str | None) -> str:
+        if mode == "bytes":
+            # The stray bytes go back to bytes (any other lone surrogate has no byte form: U+FFFD),
+            # after the start of a sequence the last delta left.
+            text = self._bytes.decode(_OTHER_SURROGATE.sub("\ufffd", text).encode("utf-8", "surrogateescape"))
+        elif self._bytes.getstate()[0]:
+            # Valid UTF-8 (or it would be "bytes") cannot finish the sequence the last delta began.
+            text = self._bytes.decode(b"", final=True) + text
+            self._bytes.reset()
+        if mode == "escapes" or self._high:
+            text = self._high + text
+            self._high = ""
+            if text and _HIGH_SURROGATE.match(text[-1]):
+                text, self._high = text[:-1], text[-1]
+            # A high and a low surrogate side by side become their character; a lone one, U+FFFD.
+            text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+        self.holding = bool(self._high or self._bytes.getstate()[0])
+        return text
+
+    def end(self) -> str:
+        """What is still held when the reply ends: half a character, so U+FFFD."""
+        rest = self._bytes.decode(b"", final=True) + ("\ufffd" if self._high else "")
+        self._bytes.reset()
+        self._high, self.holding = "", False
+        return rest
 
 
 def _token_count(value) -> int | None:
@@ -203,12 +242,13 @@ class OpenAIProvider:
             )
             async with stream:
                 finished = done = False
+                split = _SplitCharacters()
                 payloads = _sse_data(_body_reads(stream.response))
                 async for payload in payloads:
                     if payload == b"[DONE]":
                         done = True
                         break
-                    chunk = _parse_chunk(payload)
+                    chunk, mode = _parse_chunk(payload)
                     if not isinstance(chunk, dict):
                         continue
                     if chunk.get("error"):  # an error reported inside the stream (OpenAI does this)
@@ -228,6 +268,8 @@ class OpenAIProvider:
                             # be stored as a piece that the reply's text (and the reaper's) cannot join.
                             logger.warning("model server sent content that is not a string: %.200r", text)
                             raise ProviderError("upstream_malformed", "The AI service sent a reply this service cannot read.")
+                        if text and (mode or split.holding):
+                            text = split.join(text, mode)
                         if text:
                             if "\x00" in text:
                                 # Model output is untrusted input, and PostgreSQL refuses NUL in text
@@ -239,6 +281,8 @@ class OpenAIProvider:
                             finished = True
                 if not finished:
                     raise ProviderError("upstream_incomplete", "The AI service ended the reply unexpectedly.")
+                if split.holding:
+                    yield Delta(text=split.end())
                 yield Delta(finished=True)
                 if done:  # only after the reply is reported complete: tidying up must not delay or undo it
                     await _read_to_the_end(payloads)
