@@ -787,6 +787,37 @@ def test_the_log_is_written_in_batches_not_per_token(stream_service, model_serve
     assert log_rows < 30
 
 
+def test_deleting_the_conversation_of_a_silent_reply_stops_it_within_a_second_or_two(stream_service, model_server,
+                                                                                    user):
+    """A reply with no text to log (the model has not said a word) is not found gone by a log
+    write: the once-a-second check finds it."""
+    from ai_features import services
+
+    client = stream_service.client(user)
+    with client.open("POST", "/api/ai/chat/stream/", json={"message": scenario(hang=True)}) as response:
+        start = read_events(response, 1)[0]
+        upstream = model_server.wait_for_requests(1)[0]
+        deleted_at = time.monotonic()
+        assert services.conversation_delete(user=user, conversation_id=start["conversation_id"])
+        rest = read_events(response, 10)
+
+    assert rest and rest[-1]["type"] == "done"
+    assert upstream.wait_closed(timeout=3) and upstream.outcome == "client_closed"
+    assert time.monotonic() - deleted_at < 3
+
+
+def test_replies_gone_are_the_named_replies_no_longer_streaming(user):
+    from ai_features import services
+
+    conversation = Conversation.objects.create(user=user, title="gone")
+    live, finished = (Message.objects.create(conversation=conversation, user=user, role="assistant", status=status)
+                      for status in ("streaming", "completed"))
+    other_live = Message.objects.create(conversation=conversation, user=user, role="assistant", status="streaming")
+    deleted = other_live.pk + 1000
+    assert services.replies_gone([live.pk, finished.pk, deleted]) == {finished.pk, deleted}
+    assert services.replies_gone([]) == set()
+
+
 def test_deleting_the_conversation_stops_its_reply_and_the_upstream_request(stream_service, model_server, user):
     from ai_features import services
 

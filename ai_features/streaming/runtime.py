@@ -57,6 +57,9 @@ def _executor() -> ThreadPoolExecutor:
 # window fails the unit that meets it, as it would without health checks, and Django replaces it
 # before the next one (errors_occurred).
 HEALTH_CHECK_IDLE_SECONDS = 5.0
+# How often a process checks that its silent replies were not deleted or reaped elsewhere (the Stop
+# poll, every GENERATION_POLL_SECONDS, reads only the replies asked to stop).
+GONE_CHECK_SECONDS = 1.0
 _thread_state = threading.local()
 
 
@@ -373,7 +376,7 @@ class GenerationRuntime:
     async def _maintain(self) -> None:
         poll = settings.GENERATION_POLL_SECONDS
         lease = settings.GENERATION_LEASE_SECONDS
-        last_flush = last_renew = last_reap = time.monotonic()
+        last_flush = last_renew = last_reap = last_gone_check = time.monotonic()
         while True:
             await asyncio.sleep(poll)
             now = time.monotonic()
@@ -385,6 +388,13 @@ class GenerationRuntime:
                     for message_id in await run_db(services.stop_requests):
                         if reply := self.live.get(message_id):
                             reply.request_stop("stopped")
+                if self.live and now - last_gone_check >= GONE_CHECK_SECONDS:
+                    # Deleted or reaped elsewhere: the log write finds such a reply within a flush
+                    # while it streams; this finds a silent one (waiting for its first token).
+                    last_gone_check = now
+                    for message_id in await run_db(services.replies_gone, list(self.live)):
+                        if reply := self.live.get(message_id):
+                            reply.request_stop("gone")
                 if now - last_renew >= lease / 3:
                     last_renew = now
                     await self._renew_leases()
