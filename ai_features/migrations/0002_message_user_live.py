@@ -3,18 +3,20 @@
 from django.conf import settings
 from django.db import migrations, models
 
+from ai_features.migration_operations import AddIndexConcurrentlyOnPostgreSQL
+
 
 class Migration(migrations.Migration):
+    atomic = False  # CREATE INDEX CONCURRENTLY cannot run in a transaction
 
     dependencies = [
         ('ai_features', '0001_initial'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
-    # The index holds only the replies still generating, so it stays small; building it still reads
-    # the whole table once, under a lock that holds writes to it back for that long.
+    # The index holds only live rows; on PostgreSQL it is built without holding writes back.
     operations = [
-        migrations.AddIndex(
+        AddIndexConcurrentlyOnPostgreSQL(
             model_name='message',
             index=models.Index(condition=models.Q(('role', 'assistant'), ('status', 'streaming')), fields=['user', 'lease_expires_at'], name='message_user_live'),
         ),

@@ -3,17 +3,20 @@
 from django.conf import settings
 from django.db import migrations, models
 
+from ai_features.migration_operations import AddIndexConcurrentlyOnPostgreSQL
+
 
 class Migration(migrations.Migration):
+    atomic = False  # CREATE INDEX CONCURRENTLY cannot run in a transaction
 
     dependencies = [
         ('ai_features', '0002_message_user_live'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
-    # Like 0002's, the index holds only live rows (those asked to stop), and its build reads the table once.
+    # The index holds only live rows; on PostgreSQL it is built without holding writes back.
     operations = [
-        migrations.AddIndex(
+        AddIndexConcurrentlyOnPostgreSQL(
             model_name='message',
             index=models.Index(condition=models.Q(('status', 'streaming'), ('stop_requested', True)), fields=['id'], name='message_stop_requested'),
         ),
