@@ -17,13 +17,14 @@ import json
 import os
 import sys
 import uuid
+from urllib.parse import urlsplit, urlunsplit
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkout", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     parser.add_argument("--pg-url", default=os.environ.get("BENCH_PG_URL", "postgres://postgres@127.0.0.1:5432/postgres"))
-    parser.add_argument("--users", type=int, default=2000)
+    parser.add_argument("--users", type=int, default=2000, help="users with a live reply each (at least 1)")
     parser.add_argument("--history", type=int, default=100)
     parser.add_argument("--heavy-history", type=int, default=5000)
     args = parser.parse_args()
@@ -34,7 +35,7 @@ def main() -> None:
     with psycopg.connect(args.pg_url, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     try:
-        run(args, args.pg_url.rsplit("/", 1)[0] + f"/{name}")
+        run(args, urlunsplit(urlsplit(args.pg_url)._replace(path=f"/{name}")))
     finally:
         from django.db import connections
 
@@ -90,7 +91,7 @@ def run(args, database_url: str) -> None:
         total, live = cursor.fetchone()
         print(f"{total:,} messages, {live:,} live replies; checkout {args.checkout}")
         for label, user in ((f"a user with {args.heavy_history:,} messages", users[0]),
-                            (f"a user with {args.history:,} messages and a live reply", users[7])):
+                            (f"a user with {args.history:,} messages and a live reply", users[-1])):
             cursor.execute(statement("EXPLAIN ANALYZE SELECT " + services._LIMITED_COUNTS),
                            services._limited_counts_params(user.pk, timezone.now()))
             plan = [row[0] for row in cursor.fetchall()]

@@ -59,7 +59,8 @@ def _loop(conn) -> None:
             cpu = sum(procstat.cpu_seconds(p, tree=False) for p in pids)
             if name in cpu_before:
                 then, cpu_then = cpu_before[name]
-                sample[f"cores.{name}"] = round((cpu - cpu_then) / (sample["t"] - then), 3)
+                # A process of the tree that exited takes its CPU time with it: never below zero.
+                sample[f"cores.{name}"] = max(0.0, round((cpu - cpu_then) / (sample["t"] - then), 3))
             cpu_before[name] = (sample["t"], cpu)
         for name in config.sidecars:
             pids = config.pids.get(name, [])

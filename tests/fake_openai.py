@@ -218,6 +218,10 @@ def _chunk(payload: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(payload), payload)
 
 
+# What a JSON string cannot hold as it is: the quote, the backslash and the control characters.
+_JSON_ESCAPES = re.compile(rb'["\\\x00-\x1f]')
+
+
 def _event(obj_json: bytes) -> bytes:
     return _chunk(b"data: " + obj_json + b"\n\n")
 
@@ -588,7 +592,7 @@ class FakeOpenAI:
 
     def _delta_json(self, text: Any) -> bytes:
         if isinstance(text, bytes):  # raw bytes in a JSON string; only what JSON must escape is escaped
-            return b'"' + text.replace(b"\\", b"\\\\").replace(b'"', b'\\"').replace(b"\n", b"\\n") + b'"'
+            return b'"' + _JSON_ESCAPES.sub(lambda m: b"\\u%04x" % m[0][0], text) + b'"'
         if not isinstance(text, str):
             return _dumps(text)
         cached = self._delta_json_cache.get(text)
@@ -816,7 +820,7 @@ class FakeOpenAI:
             "system_fingerprint": "fp_fake",
             "choices": [{
                 "index": 0,
-                "message": {"role": "assistant", "content": "".join(deltas), "refusal": None},
+                "message": {"role": "assistant", "content": "".join(d.decode("utf-8", "replace") if isinstance(d, bytes) else d for d in deltas), "refusal": None},
                 "logprobs": None,
                 "finish_reason": sc.get("finish_reason") or "stop",
             }],

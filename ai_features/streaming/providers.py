@@ -252,7 +252,7 @@ class OpenAIProvider:
                     if not isinstance(chunk, dict):
                         continue
                     if chunk.get("error"):  # an error reported inside the stream (OpenAI does this)
-                        logger.warning("model server sent an error event: %s", chunk["error"])
+                        logger.warning("model server sent an error event: %.500r", chunk["error"])
                         raise ProviderError("upstream_unavailable", "The AI service reported an error mid-reply.")
                     usage = chunk.get("usage")
                     if usage and isinstance(usage, dict):
