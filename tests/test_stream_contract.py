@@ -99,7 +99,12 @@ def test_multibyte_text_survives_intact(stream_service, model_server, user):
 )
 def test_model_text_no_database_can_store_is_replaced_not_fatal(stream_service, model_server, user, pieces, expected):
     # The reply must still stream, be logged, be stored and replay the same.
-    result = stream_service.client(user).send(scenario(chunks=pieces))
+    streams_stores_and_replays(stream_service, user, scenario(chunks=pieces), expected)
+
+
+def streams_stores_and_replays(stream_service, user, message: str, expected: str) -> None:
+    """The reply to `message` completes with the text `expected`, live, stored and replayed."""
+    result = stream_service.client(user).send(message)
     assert result.terminal["type"] == "done" and result.terminal["status"] == "completed"
     assert result.text == expected
     assert Message.objects.get(pk=result.terminal["message_id"]).content == result.text
@@ -129,12 +134,7 @@ def hexes(*parts: str | bytes) -> list[str]:
 )
 def test_a_character_the_model_server_split_between_deltas_arrives_whole(stream_service, model_server, user,
                                                                           deltas, expected):
-    result = stream_service.client(user).send(scenario(**deltas))
-    assert result.terminal["type"] == "done" and result.terminal["status"] == "completed"
-    assert result.text == expected
-    assert Message.objects.get(pk=result.terminal["message_id"]).content == expected
-    replayed = stream_service.client(user).resume(result.terminal["message_id"], last_event_id=None)
-    assert replayed.text == expected
+    streams_stores_and_replays(stream_service, user, scenario(**deltas), expected)
 
 
 def test_continuing_a_conversation_sends_history_in_order(stream_service, model_server, user, settings):
@@ -812,8 +812,7 @@ def test_replies_gone_are_the_named_replies_no_longer_streaming(user):
     conversation = Conversation.objects.create(user=user, title="gone")
     live, finished = (Message.objects.create(conversation=conversation, user=user, role="assistant", status=status)
                       for status in ("streaming", "completed"))
-    other_live = Message.objects.create(conversation=conversation, user=user, role="assistant", status="streaming")
-    deleted = other_live.pk + 1000
+    deleted = 10**12
     assert services.replies_gone([live.pk, finished.pk, deleted]) == {finished.pk, deleted}
     assert services.replies_gone([]) == set()
 
