@@ -28,6 +28,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
+from http import HTTPStatus
 from pathlib import Path
 
 import pytest
@@ -634,7 +635,12 @@ def test_conversations_switch_history_rename_delete(context, stack):
     item(first).get_by_test_id("conversation-rename").click()
     title_input = item(first).locator("input")
     title_input.fill("Fruit talk ✓")
-    title_input.press("Enter")
+    # The page shows the new title at once (optimistically); the server has it once the PATCH answers.
+    with page.expect_response(
+        lambda r: r.request.method == "PATCH" and r.url.endswith(f"/api/ai/conversations/{first}/")
+    ) as renamed:
+        title_input.press("Enter")
+    assert renamed.value.status == HTTPStatus.OK
     expect(item(first).locator(".conversation-title")).to_have_text("Fruit talk ✓")
     expect(page.locator("#conversation-title")).to_have_text("Fruit talk ✓")
     listing = page.request.get(f"{stack.django_url}/api/ai/conversations/").json()["results"]
