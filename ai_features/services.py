@@ -80,7 +80,8 @@ class ReplyStart:
 def reply_start(*, user, request: ReplyRequest, model: str) -> ReplyStart:
     """Store the user message and a `streaming` assistant row, and build the model's context.
 
-    Raises ApiError 404 (conversation not the caller's) or 429 (rate limits); stores nothing then.
+    Raises ApiError 404 (conversation not the caller's), 409 (a known key whose reply was deleted) or
+    429 (rate limits); stores nothing then.
     A retry with a known `client_message_id` stores nothing and returns the first reply. The unique
     constraint finds it, not a read before every send: most sends are new ones. A retry that a limit
     refuses gets the first reply too, since the first send is what filled the limit.
@@ -99,6 +100,7 @@ def reply_start(*, user, request: ReplyRequest, model: str) -> ReplyStart:
 
 
 def _existing_reply(*, user, client_message_id: str | None) -> ReplyStart | None:
+    """The reply an earlier send with this key started; None when no message holds the key."""
     if not client_message_id:
         return None
     user_message = Message.objects.filter(user=user, client_message_id=client_message_id).first()
@@ -106,7 +108,13 @@ def _existing_reply(*, user, client_message_id: str | None) -> ReplyStart | None
         return None
     reply = Message.objects.filter(reply_to=user_message).order_by("id").first()
     if reply is None:
-        return None
+        # Its reply was deleted: there is nothing to replay, and the key stays taken as long as the
+        # message holding it exists.
+        raise ApiError(
+            HTTPStatus.CONFLICT,
+            "This client_message_id was already used, and the reply it started has been deleted. "
+            "Send the message with a new client_message_id.",
+        )
     start = StartEvent(user_message.conversation_id, user_message.pk, reply.pk)
     return ReplyStart(start=start, context=[], existing=True)
 
@@ -611,6 +619,7 @@ class ReplySnapshot:
     outcome: ReplyOutcome | None  # None while still streaming
     pieces: list[tuple[int, str]]
     piece_count: int  # all logged pieces, for the terminal event's id
+    model: str
 
 
 def reply_snapshot(*, message_id: int, after: int) -> ReplySnapshot | None:
@@ -646,7 +655,7 @@ def reply_snapshot(*, message_id: int, after: int) -> ReplySnapshot | None:
         last = ReplyChunk.objects.filter(message_id=message_id).order_by("-first_seq").values("first_seq", "pieces").first()
         piece_count = last["first_seq"] + len(last["pieces"]) - 1 if last else 0
     start = StartEvent(row["conversation_id"], row["reply_to_id"] or 0, message_id)
-    return ReplySnapshot(start=start, outcome=outcome, pieces=pieces, piece_count=piece_count)
+    return ReplySnapshot(start=start, outcome=outcome, pieces=pieces, piece_count=piece_count, model=row["model"])
 
 
 def reply_status(*, message_id: int) -> str | None:

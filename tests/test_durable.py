@@ -266,6 +266,26 @@ class TestTwoSidecarProcesses:
         stored = person.stored(conversation_id, reply_id)
         assert stored["status"] == "cancelled" and stored["content"] == ""
 
+    def test_a_reply_deleted_while_watched_elsewhere_ends_every_stream_with_one_terminal_event(self, two_sidecars):
+        person = Person(two_sidecars)
+        owner_watcher = person.post_reply(0, scenario(hang=True))  # silent: only the start is logged
+        owner_watcher.read(1)
+        reply_id, conversation_id = owner_watcher.start["assistant_message_id"], owner_watcher.start["conversation_id"]
+        log_watcher = person.watch(1, reply_id)  # the other process follows it through the database
+        log_watcher.read(1)
+
+        deleted = person.browser.delete(f"/api/ai/conversations/{conversation_id}/",
+                                        headers={"X-CSRFToken": person.browser.cookies["csrftoken"]})
+        assert deleted.status_code == HTTPStatus.NO_CONTENT
+        owner_watcher.read(until=time.monotonic() + 10)
+        log_watcher.read(until=time.monotonic() + 10)
+
+        for watcher in (owner_watcher, log_watcher):
+            watcher.close()
+            assert watcher.ended, "the stream did not end"
+            assert [(e["type"], e.get("status")) for e in watcher.events] == [("start", None), ("done", "cancelled")]
+            assert watcher.events[-1]["_id"] == 1
+
     def test_a_retry_on_another_process_watches_the_first_reply(self, two_sidecars):
         person = Person(two_sidecars)
         chunks = [f"i{i:02d} " for i in range(40)]

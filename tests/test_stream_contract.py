@@ -193,6 +193,21 @@ def test_idempotent_retry_streams_the_first_reply_and_stores_nothing_new(stream_
     assert len(model_server.requests) == 1
 
 
+def test_a_retry_whose_first_reply_was_deleted_is_a_409_and_stores_nothing(stream_service, model_server, user):
+    client = stream_service.client(user)
+    first = client.send("once", client_message_id="deleted-reply")
+    Message.objects.filter(pk=first.terminal["message_id"]).delete()
+    counts = stored_counts()
+
+    again = client.send("once", client_message_id="deleted-reply")
+
+    assert again.status == HTTPStatus.CONFLICT
+    assert again.headers["content-type"].startswith("application/json")
+    assert "client_message_id" in again.json["error"]
+    assert stored_counts() == counts
+    assert len(model_server.requests) == 1
+
+
 def test_the_same_client_message_id_of_another_user_is_independent(stream_service, model_server, user, other_user):
     stream_service.client(user).send("mine", client_message_id="same-key")
     theirs = stream_service.client(other_user).send("theirs", client_message_id="same-key")

@@ -496,10 +496,18 @@ class GenerationRuntime:
         next_seq = max(after, 0) + 1
         silent_since = time.monotonic()
         started = False
+        model = ""
         while True:
             snapshot = await run_db(services.reply_snapshot, message_id=message_id, after=next_seq - 1)
             if snapshot is None:
-                return  # deleted meanwhile
+                # Deleted meanwhile. The owning process ends its own watchers with `done`/cancelled
+                # (see _stored_outcome); this one ends the same way, so that every stream of the
+                # reply closes with exactly one terminal event. A watcher that has not sent the
+                # start event yet has sent nothing that needs ending.
+                if started or after >= 0:
+                    yield [ReplyOutcome(message_id=message_id, status="cancelled", model=model).terminal_event(next_seq)]
+                return
+            model = snapshot.model
             batch: list[ReplyEvent] = []
             if after < 0 and not started:
                 started = True
