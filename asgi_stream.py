@@ -26,6 +26,8 @@ from django.db import connection  # noqa: E402
 from fastapi import APIRouter, Depends, FastAPI, Request  # noqa: E402
 from fastapi.middleware.cors import CORSMiddleware  # noqa: E402
 from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
+from fastapi.exceptions import RequestValidationError  # noqa: E402
+from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
 from starlette.requests import ClientDisconnect  # noqa: E402
 
 from ai_features.streaming import service  # noqa: E402
@@ -80,12 +82,25 @@ def create_app() -> FastAPI:
         max_age=600,
     )
     app.add_exception_handler(ApiError, api_error)
+    # Every error is {"error": ...}, also those FastAPI and Starlette answer themselves.
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, invalid_path)
     app.include_router(router)
     return app
 
 
 async def api_error(request: Request, exc: ApiError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
+    return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def invalid_path(request: Request, exc: RequestValidationError) -> JSONResponse:
+    # The routes validate nothing but their path's reply id: one that is not a number names no reply.
+    return JSONResponse({"error": "Reply not found."}, status_code=HTTPStatus.NOT_FOUND)
 
 
 def credentials_of(request: Request) -> service.Credentials:

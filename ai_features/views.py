@@ -5,13 +5,13 @@ The fallback stream endpoints are thin adapters over `streaming.service`, exactl
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from functools import wraps
 from http import HTTPStatus
 
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
+from django.core.exceptions import RequestDataTooBig
 from django.core.paginator import EmptyPage, PageNotAnInteger, Paginator
 from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
@@ -19,20 +19,53 @@ from django.middleware.csrf import CsrfViewMiddleware, get_token
 from django.shortcuts import render
 from django.views.decorators.cache import never_cache
 from django.views.decorators.csrf import csrf_exempt
-from django.views.decorators.http import require_GET, require_http_methods, require_POST
+from django.views.csrf import csrf_failure as html_csrf_failure
+from django.views.defaults import page_not_found as html_page_not_found
 
 from . import selectors, services, stream_auth
 from .models import Conversation, Message
 from .streaming import service
 from .streaming.background import background_runtime
 from .streaming.sse import SSE_HEADERS
-from .streaming.validation import ApiError, refuse_unstorable_text
+from .streaming.validation import ApiError, parse_json_object, refuse_unstorable_text, require_json
 
 CONVERSATIONS_PER_PAGE = 30
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JsonResponse:
     return JsonResponse({"error": message}, status=status, headers=headers)
+
+
+def api_methods(*methods: str) -> Callable[[Callable], Callable]:
+    """Like require_http_methods, but another method gets 405 JSON (with Allow) instead of an empty
+    HTML page: every error of the API is `{"error": ...}`."""
+
+    def decorator(view: Callable) -> Callable:
+        @wraps(view)
+        def wrapper(request: HttpRequest, *args, **kwargs):
+            if request.method not in methods:
+                return error_response(HTTPStatus.METHOD_NOT_ALLOWED, f"Use {' or '.join(methods)}.",
+                                      headers={"Allow": ", ".join(methods)})
+            return view(request, *args, **kwargs)
+
+        return wrapper
+
+    return decorator
+
+
+def csrf_failure(request: HttpRequest, reason: str = "") -> HttpResponse:
+    """CSRF_FAILURE_VIEW: a JSON 403 for the API (the page's scripts show its message), Django's own
+    page elsewhere."""
+    if request.path.startswith("/api/"):
+        return error_response(HTTPStatus.FORBIDDEN, "CSRF verification failed. Reload the page and try again.")
+    return html_csrf_failure(request, reason)
+
+
+def not_found(request: HttpRequest, exception: Exception) -> HttpResponse:
+    """handler404: a JSON 404 under /api/ (an unknown path, or a reply id that is not a number)."""
+    if request.path.startswith("/api/"):
+        return error_response(HTTPStatus.NOT_FOUND, "Not found.")
+    return html_page_not_found(request, exception)
 
 
 def api_login_required(view: Callable) -> Callable:
@@ -109,19 +142,21 @@ def message_json(message: Message) -> dict:
     }
 
 
-def _json_body(request: HttpRequest) -> dict:
-    if request.content_type != "application/json":
-        raise ApiError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "Send the request as Content-Type: application/json.")
+def _request_body(request: HttpRequest) -> bytes:
+    """The body, or ApiError 413 (JSON, like every API error) past DATA_UPLOAD_MAX_MEMORY_SIZE, where
+    Django itself would answer with an HTML 400."""
     try:
-        data = json.loads(request.body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ApiError(HTTPStatus.BAD_REQUEST, "The request body is not valid JSON.") from None
-    if not isinstance(data, dict):
-        raise ApiError(HTTPStatus.BAD_REQUEST, "The request body must be a JSON object.")
-    return data
+        return request.body
+    except RequestDataTooBig:
+        raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "The request body is too large.") from None
 
 
-@require_GET
+def _json_body(request: HttpRequest) -> dict:
+    require_json(request.content_type)
+    return parse_json_object(_request_body(request))
+
+
+@api_methods("GET")
 @api_login_required
 def conversation_list(request: HttpRequest) -> JsonResponse:
     paginator = Paginator(selectors.conversation_list(user=request.user), CONVERSATIONS_PER_PAGE)
@@ -135,7 +170,7 @@ def conversation_list(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"results": [conversation_json(c) for c in page.object_list], "next": next_url})
 
 
-@require_http_methods(["GET", "PATCH", "DELETE"])
+@api_methods("GET", "PATCH", "DELETE")
 @api_login_required
 def conversation_detail(request: HttpRequest, conversation_id: int) -> HttpResponse:
     if request.method == "DELETE":
@@ -160,7 +195,7 @@ def conversation_detail(request: HttpRequest, conversation_id: int) -> HttpRespo
     return JsonResponse(conversation_json(conversation))
 
 
-@require_GET
+@api_methods("GET")
 @api_login_required
 def message_list(request: HttpRequest, conversation_id: int) -> JsonResponse:
     conversation = selectors.conversation_get(user=request.user, conversation_id=conversation_id)
@@ -170,7 +205,7 @@ def message_list(request: HttpRequest, conversation_id: int) -> JsonResponse:
     return JsonResponse({"conversation": conversation_json(conversation), "messages": [message_json(m) for m in messages]})
 
 
-@require_http_methods(["DELETE"])
+@api_methods("DELETE")
 @api_login_required
 def message_detail(request: HttpRequest, conversation_id: int, message_id: int) -> HttpResponse:
     if not services.message_delete(user=request.user, conversation_id=conversation_id, message_id=message_id):
@@ -178,7 +213,7 @@ def message_detail(request: HttpRequest, conversation_id: int, message_id: int) 
     return HttpResponse(status=HTTPStatus.NO_CONTENT)
 
 
-@require_GET
+@api_methods("GET")
 @api_login_required
 @never_cache
 def stream_token(request: HttpRequest) -> JsonResponse:
@@ -222,17 +257,19 @@ def sse_response(body) -> StreamingHttpResponse:
     return StreamingHttpResponse(background_runtime().iterate(body), headers=SSE_HEADERS)
 
 
-@require_POST
+@api_methods("POST")
 @stream_endpoint
 def chat_stream(request: HttpRequest, user) -> HttpResponse:
     runtime = background_runtime()
     body = runtime.call(
-        service.start_reply_stream(runtime.runtime, caller=user, body=request.body, content_type=request.content_type)
+        service.start_reply_stream(
+            runtime.runtime, caller=user, body=_request_body(request), content_type=request.content_type
+        )
     )
     return sse_response(body)
 
 
-@require_GET
+@api_methods("GET")
 @stream_endpoint
 def chat_stream_resume(request: HttpRequest, user, message_id: int) -> HttpResponse:
     runtime = background_runtime()
@@ -244,7 +281,7 @@ def chat_stream_resume(request: HttpRequest, user, message_id: int) -> HttpRespo
     return sse_response(body)
 
 
-@require_POST
+@api_methods("POST")
 @stream_endpoint
 def chat_stream_stop(request: HttpRequest, user, message_id: int) -> JsonResponse:
     runtime = background_runtime()

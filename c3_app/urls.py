@@ -3,7 +3,7 @@ from django.contrib.auth import views as auth_views
 from django.urls import include, path
 from django.views.generic import RedirectView
 
-from ai_features.views import healthz
+from ai_features.views import healthz, not_found
 
 urlpatterns = [
     path("", RedirectView.as_view(url="/ai/chat/", permanent=False)),
@@ -13,3 +13,5 @@ urlpatterns = [
     path("healthz", healthz, name="healthz"),
     path("", include("ai_features.urls")),
 ]
+
+handler404 = not_found  # JSON under /api/, Django's page elsewhere

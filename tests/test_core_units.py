@@ -120,7 +120,7 @@ def test_last_event_id(raw, after):
     assert parse_last_event_id(raw) == after
 
 
-@pytest.mark.parametrize("raw", ["abc", "-1", "1.5"])
+@pytest.mark.parametrize("raw", ["abc", "-1", "1.5", "+1", "1_0", "١٢", "0x10"])
 def test_a_bad_last_event_id_is_a_400(raw):
     with pytest.raises(ApiError) as error:
         parse_last_event_id(raw)

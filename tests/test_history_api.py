@@ -94,11 +94,58 @@ def test_a_bad_title_is_400(browser, user, conversation_of, title):
     assert conversation.title == "Keep me"
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{not json",
+        b'{"title": ' + b"9" * 5000 + b"}",  # json.loads: a bare ValueError (integer too long)
+        b'{"title": "x", "x": ' + b"[" * 10_000 + b"]" * 10_000 + b"}",  # a RecursionError
+        b"\xff\xfe",
+    ],
+)
+def test_a_malformed_body_is_a_400_json_error(browser, user, conversation_of, body):
+    conversation = conversation_of(user, title="Keep me")
+    answer = browser.patch(
+        f"/api/ai/conversations/{conversation.pk}/", data=body, content_type="application/json",
+        **csrf_headers(browser),
+    )
+    assert answer.status_code == HTTPStatus.BAD_REQUEST
+    assert answer.json()["error"] == "The request body is not valid JSON."
+    conversation.refresh_from_db()
+    assert conversation.title == "Keep me"
+
+
+def test_a_body_past_djangos_upload_limit_is_a_413_json_error(browser, user, conversation_of, settings):
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 1000
+    conversation = conversation_of(user, title="Keep me")
+    answer = browser.patch(
+        f"/api/ai/conversations/{conversation.pk}/", data=json.dumps({"title": "y" * 5000}),
+        content_type="application/json", **csrf_headers(browser),
+    )
+    assert answer.status_code == HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+    assert "error" in answer.json()
+
+
 def test_unsafe_methods_need_the_csrf_token(browser, user, conversation_of):
     conversation = conversation_of(user)
     answer = browser.delete(f"/api/ai/conversations/{conversation.pk}/")
     assert answer.status_code == HTTPStatus.FORBIDDEN
+    assert "CSRF" in answer.json()["error"]  # JSON like every API error; the page shows it
     assert Conversation.objects.filter(pk=conversation.pk).exists()
+
+
+def test_a_wrong_method_or_path_of_the_api_is_a_json_error_and_pages_keep_html(browser, user, conversation_of):
+    conversation = conversation_of(user)
+    wrong_method = browser.post("/api/ai/conversations/", **csrf_headers(browser))
+    assert wrong_method.status_code == HTTPStatus.METHOD_NOT_ALLOWED
+    assert wrong_method["Allow"] == "GET" and wrong_method.json()["error"]
+    wrong_method = browser.post(f"/api/ai/conversations/{conversation.pk}/", **csrf_headers(browser))
+    assert wrong_method.status_code == HTTPStatus.METHOD_NOT_ALLOWED
+    assert wrong_method["Allow"] == "GET, PATCH, DELETE"
+    unknown = browser.get("/api/ai/conversations/abc/")
+    assert unknown.status_code == HTTPStatus.NOT_FOUND and unknown.json()["error"]
+    page = browser.get("/no-such-page/")
+    assert page.status_code == HTTPStatus.NOT_FOUND and page["Content-Type"].startswith("text/html")
 
 
 def test_another_users_data_is_404_everywhere(browser, other_user, conversation_of):

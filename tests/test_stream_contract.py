@@ -236,6 +236,9 @@ def test_the_same_client_message_id_of_another_user_is_independent(stream_servic
         (json.dumps({"message": "half an emoji \ud83d"}).encode(), HTTPStatus.BAD_REQUEST),
         (json.dumps({"message": "hi", "client_message_id": "id\udc00"}).encode(), HTTPStatus.BAD_REQUEST),
         ({"message": "hi", "conversation_id": 999999}, HTTPStatus.NOT_FOUND),
+        # Small bodies that json.loads refuses with a bare ValueError or a RecursionError.
+        (b'{"message": "hi", "conversation_id": ' + b"1" * 5000 + b"}", HTTPStatus.BAD_REQUEST),
+        (b'{"message": "hi", "x": ' + b"[" * 10_000 + b"]" * 10_000 + b"}", HTTPStatus.BAD_REQUEST),
     ],
 )
 def test_bad_requests_get_a_json_error_and_store_nothing(stream_service, model_server, user, body, expected):
@@ -261,6 +264,36 @@ def test_an_oversized_body_is_413(stream_service, model_server, user, settings):
     result = stream_service.client(user).send(body=json.dumps({"message": "y" * 5000}))
     assert result.status == HTTPStatus.REQUEST_ENTITY_TOO_LARGE
     assert stored_counts() == (0, 0)
+
+
+def test_a_body_past_djangos_upload_limit_is_a_413_json_error(stream_service, model_server, user, settings):
+    # The fallback reads request.body, which Django refuses past DATA_UPLOAD_MAX_MEMORY_SIZE with an
+    # HTML 400 of its own; both adapters answer 413 JSON.
+    settings.MAX_REQUEST_BYTES = 1000
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 500
+    result = stream_service.client(user).send(body=json.dumps({"message": "y" * 5000}))
+    assert result.status == HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+    assert result.headers["content-type"].startswith("application/json")
+    assert result.json["error"]
+    assert stored_counts() == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "expected"),
+    [
+        ("GET", "/api/ai/chat/stream/", HTTPStatus.METHOD_NOT_ALLOWED),
+        ("PUT", "/api/ai/chat/stream/1/stop/", HTTPStatus.METHOD_NOT_ALLOWED),
+        ("GET", "/api/ai/chat/stream/abc/", HTTPStatus.NOT_FOUND),
+        ("GET", "/api/ai/chat/stream/1/nothing-here/", HTTPStatus.NOT_FOUND),
+    ],
+)
+def test_a_wrong_method_or_path_is_a_json_error(stream_service, user, method, path, expected):
+    result = stream_service.client(user).collect(method, path)
+    assert result.status == expected
+    assert result.headers["content-type"].startswith("application/json")
+    assert isinstance(result.json["error"], str) and result.json["error"]
+    if expected == HTTPStatus.METHOD_NOT_ALLOWED:
+        assert "POST" in result.headers["allow"]
 
 
 def test_a_non_json_content_type_is_415(stream_service, model_server, user):

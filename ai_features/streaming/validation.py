@@ -50,16 +50,26 @@ def refuse_unstorable_text(value: str, name: str) -> None:
         raise ApiError(HTTPStatus.BAD_REQUEST, f"`{name}` must be valid Unicode text (it holds half of a surrogate pair).")
 
 
+def parse_json_object(body: bytes) -> dict:
+    """A request body that must hold one JSON object, or ApiError 400.
+
+    Besides malformed JSON and bytes that are not UTF-8 (ValueErrors), json.loads refuses an integer
+    of more than 4,300 digits with a bare ValueError and overflows the stack on a few thousand
+    nested arrays (RecursionError): both fit in a small body, and both must be a 400, not a 500."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        raise ApiError(HTTPStatus.BAD_REQUEST, "The request body is not valid JSON.") from None
+    if not isinstance(data, dict):
+        raise ApiError(HTTPStatus.BAD_REQUEST, "The request body must be a JSON object.")
+    return data
+
+
 def parse_reply_request(body: bytes, content_type: str | None, *, max_chars: int, max_bytes: int) -> ReplyRequest:
     require_json(content_type)
     if len(body) > max_bytes:
         raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"The request body is larger than {max_bytes} bytes.")
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ApiError(HTTPStatus.BAD_REQUEST, "The request body is not valid JSON.") from None
-    if not isinstance(data, dict):
-        raise ApiError(HTTPStatus.BAD_REQUEST, "The request body must be a JSON object.")
+    data = parse_json_object(body)
 
     message = data.get("message")
     if not isinstance(message, str):
@@ -98,10 +108,11 @@ def parse_last_event_id(raw: str | None) -> int:
     """The id after which a resume starts; -1 (replay everything, start event included) when absent."""
     if raw is None or raw.strip() == "":
         return -1
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        raise ApiError(HTTPStatus.BAD_REQUEST, "Last-Event-ID must be a decimal integer.") from None
-    if value < 0:
+    digits = raw.strip()
+    if digits.startswith("-") and digits[1:].isascii() and digits[1:].isdigit():
         raise ApiError(HTTPStatus.BAD_REQUEST, "Last-Event-ID must not be negative.")
-    return value
+    # Only the ids this service sends: ASCII digits. int() would also take "+1", "1_000" or
+    # non-ASCII digits.
+    if not (digits.isascii() and digits.isdigit()):
+        raise ApiError(HTTPStatus.BAD_REQUEST, "Last-Event-ID must be a decimal integer.")
+    return int(digits)
