@@ -163,6 +163,10 @@ if _db["ENGINE"] == "django.db.backends.sqlite3":
     _db["TEST"] = {"NAME": str(BASE_DIR / f"test_db_{os.getpid()}.sqlite3")}
 elif _db["ENGINE"] == "django.db.backends.postgresql":
     _db.setdefault("OPTIONS", {})
+    # libpq waits for a connection as long as the OS does (minutes) when packets to the database are
+    # dropped: /healthz would hang instead of answering 503, and each attempt would hold one of the
+    # sidecar's few database threads. A URL's own ?connect_timeout= wins.
+    _db["OPTIONS"].setdefault("connect_timeout", env_int("DB_CONNECT_TIMEOUT_SECONDS", 10))
     if env_bool("DB_TRANSACTION_POOLER", False):
         # Supabase/Supavisor transaction mode (port 6543): no server-side prepared statements or cursors.
         _db["OPTIONS"]["prepare_threshold"] = None

@@ -72,3 +72,13 @@ def test_start_stream_binds_the_render_port_with_long_keep_alive():
     script = (ROOT / "start_stream.sh").read_text()
     assert '--port "${PORT:-8001}"' in script and "--host 0.0.0.0" in script
     assert "--timeout-keep-alive 300" in script
+
+
+def test_postgresql_connections_give_up_after_a_connect_timeout():
+    code = "from django.conf import settings as s; print(s.DATABASES['default']['OPTIONS']['connect_timeout'])"
+    url = "postgres://u@db.example.com:5432/c3"
+    default = run_manage("shell", "-c", code, env={**PRODUCTION_ENV, "DATABASE_URL": url})
+    assert default.returncode == 0, default.stderr
+    assert default.stdout.splitlines()[-1] == "10"
+    own = run_manage("shell", "-c", code, env={**PRODUCTION_ENV, "DATABASE_URL": url + "?connect_timeout=3"})
+    assert own.stdout.splitlines()[-1] == "3"
