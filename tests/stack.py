@@ -48,6 +48,32 @@ def wait_healthy(url: str, process: subprocess.Popen | None = None, timeout: flo
     raise RuntimeError(f"{url} did not become healthy in {timeout}s")
 
 
+def postgres_url() -> str | None:
+    """The suite's PostgreSQL server when DATABASE_URL names one, else None (the suite runs on SQLite)."""
+    base = os.environ.get("DATABASE_URL", "")
+    return base if base.startswith(("postgres://", "postgresql://")) else None
+
+
+class ScratchPostgres:
+    """A throwaway database on the PostgreSQL server (and as the user) that `base_url` names."""
+
+    def __init__(self, base_url: str, *, prefix: str) -> None:
+        parts = urlsplit(base_url)
+        self.name = f"{prefix}_{secrets.token_hex(4)}"
+        self.url = urlunsplit(parts._replace(path=f"/{self.name}"))
+        self.admin_url = urlunsplit(parts._replace(scheme="postgresql", path="/postgres"))
+        self._admin(f'CREATE DATABASE "{self.name}"')
+
+    def _admin(self, statement: str) -> None:
+        import psycopg
+
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            conn.execute(statement)
+
+    def drop(self) -> None:
+        self._admin(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+
+
 @dataclass
 class Stack:
     """Start with `with Stack(...) as stack:`; every process is stopped and the database dropped on exit."""
@@ -64,7 +90,7 @@ class Stack:
         self.processes: dict[str, subprocess.Popen] = {}
         self.django_port = free_port()
         self.sidecar_ports = [free_port() for _ in range(self.sidecars)]
-        self._pg_database: str | None = None
+        self._pg: ScratchPostgres | None = None
 
     # URLs ------------------------------------------------------------------------------------------
 
@@ -113,17 +139,11 @@ class Stack:
         return int(line.split()[1])
 
     def _database_url(self) -> str:
-        base = os.environ.get("DATABASE_URL", "")
-        if not base.startswith(("postgres://", "postgresql://")):
+        base = postgres_url()
+        if base is None:
             return f"sqlite:///{self.workdir / 'stack.sqlite3'}"
-        import psycopg
-
-        self._pg_database = f"c3_stack_{secrets.token_hex(4)}"
-        parts = urlsplit(base)
-        self._pg_admin_url = urlunsplit(parts._replace(scheme="postgresql", path="/postgres"))
-        with psycopg.connect(self._pg_admin_url, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{self._pg_database}"')
-        return urlunsplit(parts._replace(path=f"/{self._pg_database}"))
+        self._pg = ScratchPostgres(base, prefix="c3_stack")
+        return self._pg.url
 
     def _environment(self) -> dict[str, str]:
         django_origin = self.django_url
@@ -201,12 +221,9 @@ class Stack:
                 process.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 process.kill()
-        if self._pg_database:
-            import psycopg
-
-            with psycopg.connect(self._pg_admin_url, autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{self._pg_database}" WITH (FORCE)')
-            self._pg_database = None
+        if self._pg is not None:
+            self._pg.drop()
+            self._pg = None
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     # Acting as a person ----------------------------------------------------------------------------

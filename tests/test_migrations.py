@@ -6,7 +6,6 @@ again after a failure keeps every later deploy from booting."""
 from __future__ import annotations
 
 import os
-import secrets
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,6 +13,8 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+
+from tests.stack import ScratchPostgres, postgres_url
 
 ROOT = Path(__file__).resolve().parent.parent
 LIVE_INDEXES = ("message_user_live", "message_stop_requested")
@@ -23,17 +24,14 @@ class ScratchDatabase:
     """An empty database of the suite's kind (SQLite, or PostgreSQL when DATABASE_URL names one)."""
 
     def __init__(self, tmp_path: Path) -> None:
-        base = os.environ.get("DATABASE_URL", "")
-        self.postgresql = base.startswith(("postgres://", "postgresql://"))
-        if self.postgresql:
-            parts = urlsplit(base)
-            self.name = f"c3_migrations_{secrets.token_hex(4)}"
-            self.admin_url = urlunsplit(parts._replace(scheme="postgresql", path="/postgres"))
-            self.sql(f'CREATE DATABASE "{self.name}"', admin=True)
-            self.url = urlunsplit(parts._replace(path=f"/{self.name}"))
-        else:
-            self.path = tmp_path / "migrations.sqlite3"
-            self.url = f"sqlite:///{self.path}"
+        base = postgres_url()
+        self.postgres = ScratchPostgres(base, prefix="c3_migrations") if base else None
+        self.path = tmp_path / "migrations.sqlite3"
+        self.url = self.postgres.url if self.postgres else f"sqlite:///{self.path}"
+
+    @property
+    def postgresql(self) -> bool:
+        return self.postgres is not None
 
     def manage(self, *args: str) -> subprocess.CompletedProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "PYTEST"))}
@@ -42,12 +40,11 @@ class ScratchDatabase:
             capture_output=True, text=True, timeout=120,
         )
 
-    def sql(self, statement: str, *, admin: bool = False) -> list[tuple]:
-        if self.postgresql:
+    def sql(self, statement: str) -> list[tuple]:
+        if self.postgres:
             import psycopg
 
-            with psycopg.connect(self.admin_url if admin else urlunsplit(urlsplit(self.url)._replace(scheme="postgresql")),
-                                 autocommit=True) as conn:
+            with psycopg.connect(urlunsplit(urlsplit(self.url)._replace(scheme="postgresql")), autocommit=True) as conn:
                 cursor = conn.execute(statement)
                 return cursor.fetchall() if cursor.description else []
         import sqlite3
@@ -71,8 +68,8 @@ class ScratchDatabase:
         return dict(rows)
 
     def drop(self) -> None:
-        if self.postgresql:
-            self.sql(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)', admin=True)
+        if self.postgres:
+            self.postgres.drop()
 
 
 @pytest.fixture
