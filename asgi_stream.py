@@ -84,7 +84,7 @@ def create_app() -> FastAPI:
     app.add_exception_handler(ApiError, api_error)
     # Every error is {"error": ...}, also those FastAPI and Starlette answer themselves.
     app.add_exception_handler(StarletteHTTPException, http_error)
-    app.add_exception_handler(RequestValidationError, invalid_path)
+    app.add_exception_handler(RequestValidationError, invalid_request)
     app.include_router(router)
     return app
 
@@ -98,9 +98,12 @@ async def http_error(request: Request, exc: StarletteHTTPException) -> JSONRespo
     return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
 
 
-async def invalid_path(request: Request, exc: RequestValidationError) -> JSONResponse:
-    # The routes validate nothing but their path's reply id: one that is not a number names no reply.
-    return JSONResponse({"error": "Reply not found."}, status_code=HTTPStatus.NOT_FOUND)
+async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    # A reply id in the path that is not a number names no reply: 404, as for another user's. The
+    # routes read their bodies themselves today; anything else FastAPI might validate is a 400.
+    if all(error.get("loc", ("",))[0] == "path" for error in exc.errors()):
+        return JSONResponse({"error": "Reply not found."}, status_code=HTTPStatus.NOT_FOUND)
+    return JSONResponse({"error": "The request is not valid."}, status_code=HTTPStatus.BAD_REQUEST)
 
 
 def credentials_of(request: Request) -> service.Credentials:

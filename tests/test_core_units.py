@@ -335,3 +335,18 @@ def test_a_reply_is_read_whether_or_not_the_model_server_compresses_it(encoding)
     assert "".join(d.text for d in deltas) == "Hello é"
     assert any(d.prompt_tokens == 3 and d.completion_tokens == 2 for d in deltas)
     assert deltas[-1].finished
+
+
+@pytest.mark.parametrize(
+    ("location", "status"),
+    [(("path", "message_id"), HTTPStatus.NOT_FOUND), (("body", "message"), HTTPStatus.BAD_REQUEST)],
+)
+def test_the_sidecars_validation_errors_are_json(location, status):
+    from fastapi.exceptions import RequestValidationError
+
+    from asgi_stream import invalid_request
+
+    error = RequestValidationError([{"loc": location, "msg": "bad", "type": "value_error"}])
+    answer = asyncio.run(invalid_request(None, error))
+    assert answer.status_code == status
+    assert json.loads(answer.body)["error"]
